@@ -1,0 +1,100 @@
+"""Settings: one typed, frozen object built from flags, ``STREAMER_*`` environment variables and a TOML file.
+
+Precedence, highest first: command-line flags, environment variables, the settings file, defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlConfigSettingsSource
+
+from streamer.errors import ConfigError
+
+ENV_PREFIX = "STREAMER_"
+
+
+class Settings(BaseSettings):
+    """Every setting of streamer; each field ``name`` is backed by the variable ``STREAMER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # Model and engine
+    model: Path | None = Field(None, description="model bundle or plain seed state_dict file")
+    semantics: Literal["stateful", "window"] = Field("stateful", description="stateful or window")
+    seq_len: int | None = Field(None, ge=1, description="window length for window semantics")
+    device: str = Field("cpu", description="torch device for the model and the state arena")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    max_entities: int | None = Field(None, ge=1, description="state capacity; least recently used entities are evicted")
+    idle_expiry_ms: int | None = Field(None, ge=1, description="expire entities idle this long in event time")
+    max_record_bytes: int = Field(1_048_576, ge=1, description="larger records are dead-lettered")
+    entity_field: str = Field("entity", description="event field with the entity id when the key is empty")
+
+    # Kafka service
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    input_topics: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["events"], description="input topics")
+    output_topic: str = Field("predictions", description="output topic")
+    dead_letter_topic: str = Field("events-dead-letter", description="dead-letter topic")
+    group_id: str = Field("streamer", description="consumer group id")
+    group_instance_id: str | None = Field(None, description="static membership id (group.instance.id)")
+    topic_partitions: int = Field(4, ge=1, description="partitions of topics created when missing")
+    replication_factor: int = Field(1, ge=1, description="replication factor of topics created when missing")
+    max_batch_events: int = Field(4096, ge=1, description="events fetched per batch at most")
+    fetch_max_wait_ms: int = Field(20, ge=0, description="longest wait for a batch to fill")
+    request_timeout_ms: int = Field(10_000, ge=100, description="timeout of each broker call")
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="deadline for a clean stop after SIGTERM/SIGINT")
+    guarantee: Literal["at-least-once", "exactly-once"] = Field("at-least-once", description="delivery guarantee")
+    changelog: bool = Field(False, description="write state to the changelog topic and restore from it")
+    checkpoint_interval_ms: int = Field(1000, ge=1, description="checkpoint at least this often")
+    checkpoint_events: int = Field(50_000, ge=1, description="checkpoint after this many events")
+    model_mismatch: Literal["reset", "fail"] = Field("reset", description="policy for state of another model")
+    snapshot_dir: Path | None = Field(None, description="directory for local state snapshots")
+
+    # Monitoring
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics and health HTTP server")
+    metrics_port: int = Field(9400, ge=0, le=65535, description="port of the metrics and health HTTP server")
+    log_level: str = Field("INFO", description="logging level")
+
+    @field_validator("input_topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [topic.strip() for topic in value.split(",") if topic.strip()]
+        return value
+
+    def effective(self) -> dict[str, Any]:
+        """Settings as a plain dict for the one-line startup log."""
+        return {name: (str(value) if isinstance(value, Path) else value)
+                for name, value in self.model_dump().items()}
+
+
+def env_var(name: str) -> str:
+    return f"{ENV_PREFIX}{name.upper()}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from flags (``overrides``; None means not given), the environment and a TOML file."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if config_file is not None and not Path(config_file).is_file():
+        raise ConfigError(f"Settings file not found: {config_file}")
+
+    class _FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                       file_secret_settings):
+            sources = [init_settings, env_settings]
+            if config_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+            return tuple(sources)
+
+    try:
+        loaded = _FileSettings(**given)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])} ({env_var(str(item['loc'][0]))}): {item['msg']}"
+            for item in error.errors()
+        )
+        raise ConfigError(f"Invalid settings: {problems}") from None
+    return Settings.model_construct(**loaded.model_dump())

@@ -1,0 +1,129 @@
+"""The engine: advance many entities' recurrent state with one model call per wave."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+
+from streamer.engine.batch import EventBatch, StepResult
+from streamer.engine.waves import plan_waves
+from streamer.errors import ConfigError
+from streamer.model.network import RecurrentModel
+from streamer.state.arena import NO_TIME, StateArena
+
+logger = logging.getLogger(__name__)
+
+Semantics = Literal["stateful", "window"]
+SEMANTICS = ("stateful", "window")
+
+
+class Engine:
+    """Apply batches of events to per-entity state and return one head output per applied event.
+
+    ``stateful`` semantics carries each entity's ``h`` (and ``c``) from event to event. ``window``
+    semantics reproduces the training-time call: each output is the model over the entity's last ``seq_len``
+    events from zero state, computed from a per-entity ring buffer of inputs.
+
+    With ``idempotent`` set, an event at or below its entity's last applied offset is a duplicate: it is
+    neither applied nor given an output.
+    """
+
+    def __init__(self, model: RecurrentModel, semantics: Semantics = "stateful", *, capacity: int | None = None,
+                 idle_expiry_ms: int | None = None, page_slots: int = 16384, idempotent: bool = True) -> None:
+        if semantics not in SEMANTICS:
+            raise ConfigError(f"Invalid semantics {semantics!r}: expected one of {', '.join(SEMANTICS)}")
+        if semantics == "window" and not model.manifest.seq_len:
+            raise ConfigError("Window semantics needs seq_len: set it in the bundle manifest or pass --seq-len")
+        if idle_expiry_ms is not None and idle_expiry_ms <= 0:
+            raise ConfigError(f"Invalid idle expiry {idle_expiry_ms} ms: expected a positive number")
+        self.model = model
+        self.semantics = semantics
+        self.idempotent = idempotent
+        self.idle_expiry_ms = idle_expiry_ms
+        manifest = model.manifest
+        if semantics == "stateful":
+            row_shapes = {name: model.state_shape for name in model.state_names}
+        else:
+            row_shapes = {"window": (manifest.seq_len, manifest.input_size)}
+        self.arena = StateArena(row_shapes, page_slots=page_slots, capacity=capacity, device=model.device)
+        self.watermark_ms = NO_TIME
+        self._last_expiry_ms = NO_TIME
+
+    def process(self, batch: EventBatch) -> StepResult:
+        """Apply ``batch`` in arrival order and return predictions, step counts and the applied mask."""
+        n = len(batch)
+        output_size = self.model.manifest.output_size
+        predictions = np.full((n, output_size), np.nan, np.float32)
+        steps = np.full(n, -1, np.int64)
+        if n == 0:
+            return StepResult(predictions, steps, np.zeros(0, bool))
+        self.model.check_input_size(batch.features.shape[1])
+        slots = self.arena.assign(batch.entities, batch.partitions)
+        applied = batch.offsets > self.arena.last_offset[slots] if self.idempotent else np.ones(n, bool)
+        positions = np.flatnonzero(applied)
+        waves = plan_waves(slots[positions])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for wave in waves:
+                at = positions[wave]
+                step_fn = self._step_stateful if self.semantics == "stateful" else self._step_window
+                y = step_fn(slots[at], batch.features[at], batch.resets[at])
+                predictions[at] = y.cpu().numpy()
+                steps[at] = self._advance_metadata(slots[at], batch, at)
+        inference_s = time.perf_counter() - started
+        self._expire_idle()
+        return StepResult(predictions, steps, applied, waves=len(waves), inference_s=inference_s)
+
+    def _step_stateful(self, slots: np.ndarray, features: np.ndarray, resets: np.ndarray) -> torch.Tensor:
+        arena = self.arena
+        state = tuple(arena.gather(name, slots) for name in self.model.state_names)
+        if resets.any():
+            reset_rows = torch.from_numpy(np.flatnonzero(resets)).to(self.model.device)
+            for tensor in state:
+                tensor.index_fill_(0, reset_rows, 0.0)
+        x = torch.from_numpy(features).to(self.model.device)
+        new_state, y = self.model.step(x, state)
+        for name, tensor in zip(self.model.state_names, new_state):
+            arena.scatter(name, slots, tensor)
+        return y
+
+    def _step_window(self, slots: np.ndarray, features: np.ndarray, resets: np.ndarray) -> torch.Tensor:
+        seq_len = self.model.manifest.seq_len
+        ring = self.arena.gather("window", slots)
+        count = np.where(resets, 0, self.arena.steps[slots])  # events in the window before this one
+        rows = np.arange(slots.size)
+        ring[rows, count % seq_len] = torch.from_numpy(features).to(ring.device)
+        self.arena.scatter("window", slots, ring)
+        lengths = np.minimum(count + 1, seq_len)
+        start = np.where(count + 1 <= seq_len, 0, (count + 1) % seq_len)
+        order = (start[:, None] + np.arange(seq_len)[None, :]) % seq_len
+        windows = ring[torch.from_numpy(rows)[:, None], torch.from_numpy(order)]
+        return self.model.forward_windows(windows, torch.from_numpy(lengths).to(ring.device))
+
+    def _advance_metadata(self, slots: np.ndarray, batch: EventBatch, at: np.ndarray) -> np.ndarray:
+        arena = self.arena
+        new_steps = np.where(batch.resets[at], 0, arena.steps[slots]) + 1
+        arena.steps[slots] = new_steps
+        arena.last_offset[slots] = batch.offsets[at]
+        ts = batch.ts_ms[at]
+        arena.last_event_ms[slots] = np.maximum(arena.last_event_ms[slots], ts)
+        arena.dirty[slots] = True
+        if ts.size:
+            self.watermark_ms = max(self.watermark_ms, int(ts.max()))
+        return new_steps
+
+    def _expire_idle(self) -> None:
+        """Expire idle entities when event time has advanced by a tenth of the idle expiry since the last pass."""
+        idle_ms = self.idle_expiry_ms
+        if idle_ms is None or self.watermark_ms == NO_TIME:
+            return
+        if self._last_expiry_ms != NO_TIME and self.watermark_ms - self._last_expiry_ms < max(1, idle_ms // 10):
+            return
+        self._last_expiry_ms = self.watermark_ms
+        expired = self.arena.expire(self.watermark_ms, idle_ms)
+        if expired:
+            logger.debug("Expired %d entities idle for more than %d ms of event time", expired, idle_ms)

@@ -1,0 +1,30 @@
+"""Batch planning: split a batch into waves so that each entity appears at most once per wave."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
+    """Return the event positions of each wave, in order.
+
+    Wave k holds every entity's k-th event of the batch, so the events of one entity are applied in arrival
+    order while all entities of a wave advance in one model call. Positions inside a wave are ascending.
+    """
+    n = slots.size
+    if n == 0:
+        return []
+    order = np.argsort(slots, kind="stable")
+    sorted_slots = slots[order]
+    starts = np.empty(n, bool)
+    starts[0] = True
+    np.not_equal(sorted_slots[1:], sorted_slots[:-1], out=starts[1:])
+    if starts.all():
+        return [np.arange(n)]
+    positions = np.arange(n)
+    group_start = np.maximum.accumulate(np.where(starts, positions, 0))
+    rank = np.empty(n, np.int64)
+    rank[order] = positions - group_start
+    by_rank = np.argsort(rank, kind="stable")
+    bounds = np.cumsum(np.bincount(rank))[:-1]
+    return np.split(by_rank, bounds)

@@ -1,0 +1,1 @@
+"""Codecs for events, outputs and dead letters, and file readers and writers."""

@@ -1,0 +1,191 @@
+"""File readers (JSON Lines, CSV, Parquet) and writers (JSON Lines, Parquet) for backtests.
+
+Readers yield chunks of raw JSON values with their record index: the line number for JSON Lines and CSV
+(counting the header as line 0 for CSV), the row number for Parquet. Every format goes through the same
+event decoder, so validation is identical whatever the file type.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+from streamer.errors import ConfigError
+
+INPUT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
+OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
+
+
+@dataclass
+class RecordChunk:
+    """Raw values of consecutive records and their record indices."""
+
+    values: list[bytes]
+    indices: list[int]
+
+
+def _suffix(path: Path, allowed: tuple[str, ...], role: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        raise ConfigError(f"Unsupported {role} file {path}: expected one of {', '.join(allowed)}")
+    return suffix
+
+
+def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[str, ...] | None = None
+                 ) -> Iterator[RecordChunk]:
+    """Yield the records of a JSON Lines, CSV or Parquet file in file order, ``chunk_size`` at a time."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Input file not found: {path}")
+    suffix = _suffix(path, INPUT_SUFFIXES, "input")
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        yield from _read_json_lines(path, chunk_size)
+    elif suffix == ".csv":
+        yield from _read_csv(path, chunk_size, feature_names)
+    else:
+        yield from _read_parquet(path, chunk_size)
+
+
+def _read_json_lines(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
+    chunk = RecordChunk([], [])
+    with path.open("rb") as file:
+        for line_number, line in enumerate(file):
+            line = line.rstrip(b"\r\n")
+            if not line.strip():
+                continue  # blank lines separate nothing and are not records
+            chunk.values.append(line)
+            chunk.indices.append(line_number)
+            if len(chunk.values) >= chunk_size:
+                yield chunk
+                chunk = RecordChunk([], [])
+    if chunk.values:
+        yield chunk
+
+
+def _csv_value(text: str) -> Any:
+    """Convert a CSV cell: numbers become numbers, JSON lists become lists, anything else stays text."""
+    if text == "":
+        return None
+    if text[0] == "[":
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text
+    try:
+        number = float(text)
+    except ValueError:
+        lowered = text.lower()
+        return {"true": True, "false": False}.get(lowered, text)
+    return int(number) if number.is_integer() and "e" not in text.lower() and "." not in text else number
+
+
+def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None) -> Iterator[RecordChunk]:
+    chunk = RecordChunk([], [])
+    with path.open("r", newline="", encoding="utf-8", errors="surrogateescape") as file:
+        reader = csv.DictReader(file)
+        columns = reader.fieldnames or []
+        numbered = sorted((c for c in columns if c[:1] == "f" and c[1:].isdigit()), key=lambda c: int(c[1:]))
+        for row in reader:
+            document = {name: _csv_value(text) for name, text in row.items() if name is not None}
+            if "features" not in document and not feature_names and numbered:
+                document["features"] = [document.pop(column) for column in numbered]
+            try:
+                value = orjson.dumps(document)
+            except TypeError:
+                value = str(document).encode("utf-8", "replace")  # not JSON at all: the decoder rejects it
+            chunk.values.append(value)
+            chunk.indices.append(reader.line_num - 1)
+            if len(chunk.values) >= chunk_size:
+                yield chunk
+                chunk = RecordChunk([], [])
+    if chunk.values:
+        yield chunk
+
+
+def _read_parquet(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
+    import pyarrow.parquet as pq
+
+    row = 0
+    for record_batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
+        rows = record_batch.to_pylist()
+        values = [orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS, default=str) for document in rows]
+        yield RecordChunk(values, list(range(row, row + len(values))))
+        row += len(values)
+
+
+class OutputWriter:
+    """Write encoded JSON records to a JSON Lines or Parquet file."""
+
+    def __init__(self, path: str | Path, parquet_rows_per_group: int = 65536) -> None:
+        self.path = Path(path)
+        self._suffix = _suffix(self.path, OUTPUT_SUFFIXES, "output")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._rows_per_group = parquet_rows_per_group
+        self._pending: list[dict] = []
+        self._parquet_writer = None
+        self._file = self.path.open("wb") if self._suffix != ".parquet" else None
+        self.count = 0
+
+    def write(self, values: list[bytes]) -> None:
+        self.count += len(values)
+        if self._file is not None:
+            if values:
+                self._file.write(b"\n".join(values) + b"\n")
+            return
+        self._pending.extend(self._parquet_row(orjson.loads(value)) for value in values)
+        if len(self._pending) >= self._rows_per_group:
+            self._flush_parquet()
+
+    @staticmethod
+    def _parquet_row(document: dict) -> dict:
+        target = document.get("target")
+        if target is not None and not isinstance(target, list):
+            document["target"] = [target]
+        return document
+
+    def _flush_parquet(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if not self._pending:
+            return
+        table = pa.Table.from_pylist(self._pending)
+        if self._parquet_writer is None:
+            self._parquet_writer = pq.ParquetWriter(self.path, table.schema)
+        self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
+        self._pending = []
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            return
+        self._flush_parquet()
+        if self._parquet_writer is None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"entity": pa.array([], pa.string())}), self.path)
+        else:
+            self._parquet_writer.close()
+
+    def __enter__(self) -> OutputWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def read_outputs(path: str | Path) -> list[dict]:
+    """Read an output file written by ``OutputWriter`` back into dicts."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    with path.open("rb") as file:
+        return [orjson.loads(line) for line in io.BufferedReader(file) if line.strip()]

@@ -1,0 +1,80 @@
+"""Encoding outputs and dead letters."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Callable
+
+import numpy as np
+import orjson
+
+from streamer.engine.batch import EventBatch, StepResult
+from streamer.io.events import DeadLetter
+from streamer.state.arena import NO_TIME
+
+# Dead-letter header names; values are UTF-8 text.
+HEADER_REASON = "streamer.reason"
+HEADER_ERROR = "streamer.error"
+HEADER_SOURCE_TOPIC = "streamer.source.topic"
+HEADER_SOURCE_PARTITION = "streamer.source.partition"
+HEADER_SOURCE_OFFSET = "streamer.source.offset"
+
+SourceFn = Callable[[int], dict[str, Any]]
+
+
+def encode_outputs(batch: EventBatch, result: StepResult, fingerprint: str, source: SourceFn
+                   ) -> list[tuple[int, bytes, bytes]]:
+    """Return ``(event position, key, value)`` for every applied event, in batch order.
+
+    ``source(position)`` gives the ``source`` object of the event at that position of the batch.
+    """
+    predictions = result.predictions.tolist()
+    steps = result.steps.tolist()
+    ts_column = batch.ts_ms.tolist()
+    targets = batch.targets
+    entities = batch.entities
+    encoded = []
+    for position in np.flatnonzero(result.applied).tolist():
+        ts = ts_column[position]
+        document = {
+            "entity": entities[position],
+            "ts": None if ts == NO_TIME else ts,
+            "step": steps[position],
+            "prediction": predictions[position],
+            "model": fingerprint,
+            "source": source(position),
+        }
+        if targets is not None and targets[position] is not None:
+            document["target"] = targets[position]
+        encoded.append((position, entities[position].encode(), orjson.dumps(document)))
+    return encoded
+
+
+def kafka_source(topic: str, batch: EventBatch) -> SourceFn:
+    partitions = batch.partitions.tolist()
+    offsets = batch.offsets.tolist()
+    return lambda position: {"topic": topic, "partition": partitions[position], "offset": offsets[position]}
+
+
+def file_source(file_name: str, batch: EventBatch) -> SourceFn:
+    offsets = batch.offsets.tolist()
+    return lambda position: {"file": file_name, "record": offsets[position]}
+
+
+def dead_letter_headers(letter: DeadLetter, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    """Kafka headers of a dead-letter record: reason code, error message and where the record came from."""
+    return [
+        (HEADER_REASON, letter.reason.encode()),
+        (HEADER_ERROR, letter.message.encode("utf-8", "replace")),
+        (HEADER_SOURCE_TOPIC, topic.encode()),
+        (HEADER_SOURCE_PARTITION, str(partition).encode()),
+        (HEADER_SOURCE_OFFSET, str(offset).encode()),
+    ]
+
+
+def encode_dead_letter_line(letter: DeadLetter, source: dict[str, Any]) -> bytes:
+    """One JSON line for a dead-letter file: reason, message, source, and the original bytes in base64."""
+    document: dict[str, Any] = {"reason": letter.reason, "message": letter.message, "source": source}
+    for name, raw in (("key", letter.key), ("value", letter.value)):
+        document[f"{name}_base64"] = None if raw is None else base64.b64encode(raw).decode()
+    return orjson.dumps(document)

@@ -1,0 +1,117 @@
+"""The served model: recurrent weights plus head, with a one-timestep step and a batched window forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamer.errors import ModelError
+from streamer.model.loading import fingerprint, read_model_file
+from streamer.model.manifest import ModelManifest
+
+_CELL_FUNCTIONS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}
+_MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class RecurrentModel:
+    """Stateless model: all recurrent state is passed in and returned, never kept here.
+
+    State tensors are slot-major, ``(N, num_layers, hidden_size)`` per state name (``h``, plus ``c`` for LSTM),
+    which is the layout of the state arena's rows. Inputs are raw feature values; the manifest's input scaling
+    and output inverse scaling are applied here.
+    """
+
+    def __init__(self, manifest: ModelManifest, weights: dict[str, torch.Tensor], device: str = "cpu") -> None:
+        self.manifest = manifest
+        self.fingerprint = fingerprint(manifest, weights)
+        self.device = torch.device(device)
+        self.state_names: tuple[str, ...] = ("h", "c") if manifest.cell == "lstm" else ("h",)
+        has_bias = "rnn.bias_ih_l0" in weights
+        self.rnn = _MODULES[manifest.cell](manifest.input_size, manifest.hidden_size, manifest.num_layers,
+                                           bias=has_bias, batch_first=True)
+        self.head = nn.Linear(manifest.hidden_size, manifest.output_size, bias="head.bias" in weights)
+        self.rnn.load_state_dict({key[len("rnn."):]: value for key, value in weights.items() if key.startswith("rnn.")})
+        self.head.load_state_dict({key[len("head."):]: value for key, value in weights.items()
+                                   if key.startswith("head.")})
+        self.rnn.to(self.device).eval().requires_grad_(False)
+        self.head.to(self.device).eval().requires_grad_(False)
+        self._cell = _CELL_FUNCTIONS[manifest.cell]
+        self._layers = [
+            tuple(getattr(self.rnn, f"{kind}_l{layer}") if has_bias or kind.startswith("weight") else None
+                  for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+            for layer in range(manifest.num_layers)
+        ]
+        self._input_mean = self._vector(manifest.input_mean)
+        self._input_std = self._vector(manifest.input_std)
+        self._output_mean = self._vector(manifest.output_mean)
+        self._output_std = self._vector(manifest.output_std)
+
+    def _vector(self, values: tuple[float, ...] | None) -> torch.Tensor | None:
+        return None if values is None else torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    @classmethod
+    def load(cls, path: str | Path, *, seq_len: int | None = None, device: str = "cpu") -> RecurrentModel:
+        """Load a bundle or a plain seed ``state_dict`` file; ``seq_len`` overrides the manifest's."""
+        manifest, weights = read_model_file(path)
+        return cls(manifest.with_seq_len(seq_len), weights, device=device)
+
+    @property
+    def state_shape(self) -> tuple[int, int]:
+        return (self.manifest.num_layers, self.manifest.hidden_size)
+
+    def scale_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        if self._input_mean is not None:
+            x = x - self._input_mean
+        if self._input_std is not None:
+            x = x / self._input_std
+        return x
+
+    def unscale_outputs(self, y: torch.Tensor) -> torch.Tensor:
+        if self._output_std is not None:
+            y = y * self._output_std
+        if self._output_mean is not None:
+            y = y + self._output_mean
+        return y
+
+    def step(self, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Advance N entities by one timestep.
+
+        ``x`` is (N, input_size) raw features; ``state`` holds (N, num_layers, hidden_size) tensors in
+        ``state_names`` order. Returns the new state in the same layout and the head's output (N, output_size)
+        computed from the top layer's new ``h``.
+        """
+        layer_input = self.scale_inputs(x)
+        new_h, new_c = [], []
+        for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self._layers):
+            if len(state) == 2:
+                h, c = self._cell(layer_input, (state[0][:, layer], state[1][:, layer]), w_ih, w_hh, b_ih, b_hh)
+                new_c.append(c)
+            else:
+                h = self._cell(layer_input, state[0][:, layer], w_ih, w_hh, b_ih, b_hh)
+            new_h.append(h)
+            layer_input = h
+        y = self.unscale_outputs(self.head(layer_input))
+        if new_c:
+            return (torch.stack(new_h, 1), torch.stack(new_c, 1)), y
+        return (torch.stack(new_h, 1),), y
+
+    def forward_windows(self, windows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run each window from zero state and return the head's output at its last valid timestep.
+
+        ``windows`` is (N, T, input_size), right-padded where ``lengths`` (N,) is below T. A recurrent layer is
+        causal, so the output at timestep ``lengths - 1`` does not depend on the padding after it.
+        """
+        if windows.shape[0] == 0:
+            return torch.empty(0, self.manifest.output_size, device=self.device)
+        output, _ = self.rnn(self.scale_inputs(windows))
+        rows = torch.arange(windows.shape[0], device=windows.device)
+        return self.unscale_outputs(self.head(output[rows, lengths - 1]))
+
+    def zero_state(self, n: int) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(n, *self.state_shape, device=self.device) for _ in self.state_names)
+
+    def check_input_size(self, size: int) -> None:
+        if size != self.manifest.input_size:
+            raise ModelError(f"Invalid input: the model takes {self.manifest.input_size} features, got {size}")

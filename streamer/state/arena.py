@@ -1,0 +1,261 @@
+"""The state arena: per-entity recurrent state rows in preallocated pages, and the entity -> slot index.
+
+Rows live in fixed-size pages of ``page_slots`` slots. Growing adds a page and never copies existing rows,
+so a growing arena does not pause processing in proportion to its size. Per-slot metadata lives in numpy
+arrays that grow by doubling (a few bytes per slot).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamer.errors import StateError
+
+logger = logging.getLogger(__name__)
+
+NO_TIME = np.iinfo(np.int64).min  # last event time of an entity that has seen no timestamped event
+NO_OFFSET = -1  # last applied offset of an entity that has applied no event
+
+
+@dataclass(frozen=True)
+class RemovedEntity:
+    """An entity dropped from the arena, with why: ``evicted``, ``expired`` or ``revoked``."""
+
+    entity: str
+    partition: int
+    reason: str
+
+
+class StateArena:
+    """Preallocated state rows for many entities.
+
+    ``row_shapes`` maps each state name to the shape of one entity's row, for example
+    ``{"h": (num_layers, hidden_size), "c": (num_layers, hidden_size)}``. ``capacity`` bounds the number of
+    entities; when a new entity arrives at the bound, the least recently used entities not touched by the
+    current batch are evicted.
+    """
+
+    def __init__(self, row_shapes: dict[str, tuple[int, ...]], *, page_slots: int = 16384,
+                 capacity: int | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        if page_slots < 1:
+            raise StateError(f"Invalid page_slots={page_slots}: expected a positive integer")
+        if capacity is not None and capacity < 1:
+            raise StateError(f"Invalid capacity={capacity}: expected a positive integer or None")
+        self.row_shapes = dict(row_shapes)
+        self.page_slots = page_slots
+        self.capacity = capacity
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._pages: list[dict[str, torch.Tensor]] = []
+        self._index: dict[str, int] = {}
+        self._entity_of: list[str | None] = []
+        self._free: list[int] = []
+        self._metadata_size = 0
+        self.steps = np.zeros(0, np.int64)
+        self.last_offset = np.zeros(0, np.int64)
+        self.last_event_ms = np.zeros(0, np.int64)
+        self.last_used = np.zeros(0, np.int64)
+        self.partition = np.zeros(0, np.int32)
+        self.occupied = np.zeros(0, bool)
+        self.dirty = np.zeros(0, bool)
+        self._clock = 0
+        self.removed: list[RemovedEntity] = []
+        self.evictions = 0
+        self.expirations = 0
+
+    # -- index -------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, entity: str) -> bool:
+        return entity in self._index
+
+    def slot_of(self, entity: str) -> int | None:
+        return self._index.get(entity)
+
+    def entity_of(self, slot: int) -> str:
+        entity = self._entity_of[slot]
+        if entity is None:
+            raise StateError(f"Slot {slot} is free")
+        return entity
+
+    def entities(self) -> list[str]:
+        return list(self._index)
+
+    @property
+    def allocated_slots(self) -> int:
+        return len(self._pages) * self.page_slots
+
+    def nbytes(self) -> int:
+        """Bytes of the state pages and per-slot metadata (the Python index is not counted)."""
+        pages = sum(t.numel() * t.element_size() for page in self._pages for t in page.values())
+        metadata = sum(a.nbytes for a in (self.steps, self.last_offset, self.last_event_ms, self.last_used,
+                                          self.partition, self.occupied, self.dirty))
+        return pages + metadata
+
+    def assign(self, entities: list[str], partitions: np.ndarray | None = None) -> np.ndarray:
+        """Return the slot of each entity, giving new entities zeroed slots; marks all of them used now.
+
+        ``partitions`` (same length) records which input partition each entity's events come from.
+        """
+        self._clock += 1
+        index = self._index
+        slots = np.fromiter((index.get(entity, -1) for entity in entities), np.int64, len(entities))
+        missing = np.flatnonzero(slots < 0)
+        if missing.size:
+            self.last_used[slots[slots >= 0]] = self._clock
+            new_slots: list[int] = []
+            for position in missing:
+                entity = entities[position]
+                slot = index.get(entity)
+                if slot is None:
+                    slot = self._new_slot()
+                    index[entity] = slot
+                    self._entity_of[slot] = entity
+                    self.occupied[slot] = True
+                    self.last_used[slot] = self._clock
+                    new_slots.append(slot)
+                slots[position] = slot
+            self._reset_slots(np.asarray(new_slots, np.int64))
+        self.last_used[slots] = self._clock
+        if partitions is not None:
+            self.partition[slots] = partitions
+        return slots
+
+    def _new_slot(self) -> int:
+        if self.capacity is not None and len(self._index) >= self.capacity:
+            self._evict_least_recently_used()
+        if self._free:
+            return self._free.pop()
+        slot = len(self._entity_of)
+        if slot >= self.allocated_slots:
+            self._add_page()
+        if slot >= self._metadata_size:
+            self._grow_metadata(max(self.page_slots, 2 * self._metadata_size))
+        self._entity_of.append(None)
+        return slot
+
+    def _add_page(self) -> None:
+        self._pages.append({name: torch.zeros(self.page_slots, *shape, dtype=self.dtype, device=self.device)
+                            for name, shape in self.row_shapes.items()})
+        logger.debug("State arena grew to %d pages (%d slots)", len(self._pages), self.allocated_slots)
+
+    def _grow_metadata(self, size: int) -> None:
+        def grown(array: np.ndarray, fill) -> np.ndarray:
+            out = np.full(size, fill, array.dtype)
+            out[: array.size] = array
+            return out
+
+        self.steps = grown(self.steps, 0)
+        self.last_offset = grown(self.last_offset, NO_OFFSET)
+        self.last_event_ms = grown(self.last_event_ms, NO_TIME)
+        self.last_used = grown(self.last_used, 0)
+        self.partition = grown(self.partition, -1)
+        self.occupied = grown(self.occupied, False)
+        self.dirty = grown(self.dirty, False)
+        self._metadata_size = size
+
+    def _evict_least_recently_used(self) -> None:
+        """Evict about 1 % of the capacity (at least one entity), oldest first, sparing the current batch."""
+        candidates = np.flatnonzero(self.occupied & (self.last_used < self._clock))
+        if candidates.size == 0:
+            raise StateError(
+                f"State capacity {self.capacity} is smaller than the number of distinct entities in one batch; "
+                "raise the capacity or lower the batch size"
+            )
+        count = min(candidates.size, max(1, self.capacity // 100))
+        oldest = candidates[np.argpartition(self.last_used[candidates], count - 1)[:count]]
+        self._remove(oldest, "evicted")
+        self.evictions += int(oldest.size)
+
+    # -- rows --------------------------------------------------------------------------------------------
+
+    def _locate(self, slots: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Split slots by page: [(page, rows in page, positions in ``slots`` or None for all)]."""
+        pages = slots // self.page_slots
+        rows = slots - pages * self.page_slots
+        if slots.size == 0 or pages.min() == pages.max():
+            page = int(pages[0]) if slots.size else 0
+            return [(page, torch.from_numpy(rows).to(self.device), None)]
+        located = []
+        for page in np.unique(pages):
+            positions = np.flatnonzero(pages == page)
+            located.append((int(page), torch.from_numpy(rows[positions]).to(self.device),
+                            torch.from_numpy(positions).to(self.device)))
+        return located
+
+    def gather(self, name: str, slots: np.ndarray) -> torch.Tensor:
+        """Copy the rows of ``slots`` into a new (len(slots), *row_shape) tensor."""
+        located = self._locate(slots)
+        if len(located) == 1 and located[0][2] is None:
+            page, rows, _ = located[0]
+            if not self._pages:
+                return torch.empty(0, *self.row_shapes[name], dtype=self.dtype, device=self.device)
+            return self._pages[page][name].index_select(0, rows)
+        out = torch.empty(slots.size, *self.row_shapes[name], dtype=self.dtype, device=self.device)
+        for page, rows, positions in located:
+            out.index_copy_(0, positions, self._pages[page][name].index_select(0, rows))
+        return out
+
+    def scatter(self, name: str, slots: np.ndarray, values: torch.Tensor) -> None:
+        """Write ``values`` (len(slots), *row_shape) into the rows of ``slots``."""
+        for page, rows, positions in self._locate(slots):
+            source = values if positions is None else values.index_select(0, positions)
+            self._pages[page][name].index_copy_(0, rows, source.to(self.dtype))
+
+    def _reset_slots(self, slots: np.ndarray) -> None:
+        if slots.size == 0:
+            return
+        for name, shape in self.row_shapes.items():
+            self.scatter(name, slots, torch.zeros(slots.size, *shape, dtype=self.dtype, device=self.device))
+        self.steps[slots] = 0
+        self.last_offset[slots] = NO_OFFSET
+        self.last_event_ms[slots] = NO_TIME
+        self.dirty[slots] = False
+
+    # -- removal -----------------------------------------------------------------------------------------
+
+    def _remove(self, slots: np.ndarray, reason: str) -> None:
+        for slot in slots.tolist():
+            entity = self._entity_of[slot]
+            if entity is None:
+                continue
+            del self._index[entity]
+            self._entity_of[slot] = None
+            self._free.append(slot)
+            self.removed.append(RemovedEntity(entity, int(self.partition[slot]), reason))
+        self.occupied[slots] = False
+        self.dirty[slots] = False
+
+    def expire(self, now_ms: int, idle_ms: int) -> int:
+        """Remove entities whose last event time is more than ``idle_ms`` before ``now_ms``; return the count."""
+        used = self.occupied[: len(self._entity_of)]
+        seen = self.last_event_ms[: len(self._entity_of)]
+        idle = np.flatnonzero(used & (seen != NO_TIME) & (seen < now_ms - idle_ms))
+        self._remove(idle, "expired")
+        self.expirations += int(idle.size)
+        return int(idle.size)
+
+    def remove_partitions(self, partitions: set[int] | list[int]) -> int:
+        """Drop every entity whose events come from one of ``partitions``; return the count."""
+        used = self.occupied[: len(self._entity_of)]
+        slots = np.flatnonzero(used & np.isin(self.partition[: len(self._entity_of)], list(partitions)))
+        self._remove(slots, "revoked")
+        return int(slots.size)
+
+    def drain_removed(self) -> list[RemovedEntity]:
+        """Return and forget the entities removed since the last call."""
+        removed, self.removed = self.removed, []
+        return removed
+
+    def occupied_slots(self, partition: int | None = None) -> np.ndarray:
+        used = self.occupied[: len(self._entity_of)]
+        if partition is not None:
+            used = used & (self.partition[: len(self._entity_of)] == partition)
+        return np.flatnonzero(used)

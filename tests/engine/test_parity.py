@@ -1,0 +1,142 @@
+"""Engine outputs against offline references: full-history forward (stateful) and the seed forward (window)."""
+
+import numpy as np
+import pytest
+import torch
+
+from streamer.engine import Engine, EventBatch
+from streamer.model import ModelManifest, load_model, save_bundle
+
+TOLERANCE = 1e-5
+
+CONFIGS = [
+    # cell, input, hidden, layers, output
+    ("lstm", 4, 16, 2, 1),
+    ("lstm", 3, 8, 1, 2),
+    ("lstm", 8, 64, 3, 1),
+    ("gru", 4, 16, 2, 1),
+    ("gru", 5, 7, 3, 3),
+    ("rnn", 4, 16, 1, 1),
+    ("rnn", 2, 32, 3, 2),
+]
+
+
+def make_stream(rng, n_events, n_entities, input_size, reset_rate=0.0):
+    entities = [f"e{int(i)}" for i in rng.integers(0, n_entities, n_events)]
+    features = rng.normal(size=(n_events, input_size)).astype(np.float32)
+    resets = rng.random(n_events) < reset_rate
+    return entities, features, resets
+
+
+def run_engine(model, semantics, entities, features, resets, batch_sizes):
+    engine = Engine(model, semantics, page_slots=8)
+    predictions, start, turn = [], 0, 0
+    while start < len(entities):
+        size = batch_sizes[turn % len(batch_sizes)]
+        stop = min(start + size, len(entities))
+        batch = EventBatch.build(entities[start:stop], features[start:stop], resets=resets[start:stop],
+                                 offsets=np.arange(start, stop))
+        result = engine.process(batch)
+        assert result.applied.all()
+        predictions.append(result.predictions)
+        start, turn = stop, turn + 1
+    return np.concatenate(predictions), engine
+
+
+def reference(net, entities, features, resets, window=None):
+    """Offline: for each event, the seed net over the entity's history since its last reset from zero state."""
+    history: dict[str, list[np.ndarray]] = {}
+    out = []
+    with torch.no_grad():
+        for entity, row, reset in zip(entities, features, resets):
+            if reset:
+                history[entity] = []
+            history.setdefault(entity, []).append(row)
+            sequence = history[entity] if window is None else history[entity][-window:]
+            out.append(net(torch.from_numpy(np.stack(sequence))[None])[0].numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("cell,input_size,hidden,layers,output", CONFIGS)
+@pytest.mark.parametrize("batch_sizes", [[1], [7, 3, 64], [500]])
+def test_stateful_equals_full_history(seed_net_factory, cell, input_size, hidden, layers, output, batch_sizes):
+    net, path = seed_net_factory(cell, input_size, hidden, layers, output, seed=layers * 10 + hidden)
+    rng = np.random.default_rng(hidden)
+    entities, features, resets = make_stream(rng, 240, 9, input_size)
+    predictions, engine = run_engine(load_model(path), "stateful", entities, features, resets, batch_sizes)
+    expected = reference(net, entities, features, resets)
+    assert np.abs(predictions - expected).max() < TOLERANCE
+    assert len(engine.arena) == len(set(entities))
+
+
+@pytest.mark.parametrize("cell,input_size,hidden,layers,output", CONFIGS)
+@pytest.mark.parametrize("seq_len", [1, 4, 30])
+def test_window_equals_seed_forward(seed_net_factory, cell, input_size, hidden, layers, output, seq_len):
+    net, path = seed_net_factory(cell, input_size, hidden, layers, output, seed=seq_len)
+    rng = np.random.default_rng(seq_len)
+    entities, features, resets = make_stream(rng, 200, 6, input_size, reset_rate=0.03)
+    model = load_model(path, seq_len=seq_len)
+    predictions, _ = run_engine(model, "window", entities, features, resets, [13, 1, 40])
+    expected = reference(net, entities, features, resets, window=seq_len)
+    assert np.abs(predictions - expected).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_reset_restarts_from_zero_state(seed_net_factory, cell):
+    net, path = seed_net_factory(cell)
+    rng = np.random.default_rng(5)
+    entities, features, resets = make_stream(rng, 150, 4, 4, reset_rate=0.1)
+    assert resets.sum() > 5
+    predictions, _ = run_engine(load_model(path), "stateful", entities, features, resets, [16])
+    assert np.abs(predictions - reference(net, entities, features, resets)).max() < TOLERANCE
+    first_after_reset = np.flatnonzero(resets)[0]
+    fresh = reference(net, [entities[first_after_reset]], features[first_after_reset:first_after_reset + 1], [True])
+    assert np.abs(predictions[first_after_reset] - fresh[0]).max() < TOLERANCE
+
+
+@pytest.mark.parametrize("semantics", ["stateful", "window"])
+def test_outputs_independent_of_batch_split(seed_net_factory, semantics):
+    _, path = seed_net_factory("lstm", layers=3)
+    rng = np.random.default_rng(11)
+    entities, features, resets = make_stream(rng, 400, 12, 4, reset_rate=0.02)
+    model = load_model(path, seq_len=6)
+    one_by_one, _ = run_engine(model, semantics, entities, features, resets, [1])
+    whole, _ = run_engine(model, semantics, entities, features, resets, [400])
+    mixed, _ = run_engine(model, semantics, entities, features, resets, [3, 17, 64, 1])
+    assert np.abs(one_by_one - whole).max() < TOLERANCE
+    assert np.abs(one_by_one - mixed).max() < TOLERANCE
+
+
+def test_repeated_entity_in_one_batch_applied_in_order(seed_net_factory):
+    net, path = seed_net_factory("lstm")
+    features = np.random.default_rng(2).normal(size=(5, 4)).astype(np.float32)
+    entities = ["a", "a", "b", "a", "b"]
+    engine = Engine(load_model(path))
+    result = engine.process(EventBatch.build(entities, features))
+    assert result.waves == 3
+    assert result.steps.tolist() == [1, 2, 1, 3, 2]
+    expected = reference(net, entities, features, np.zeros(5, bool))
+    assert np.abs(result.predictions - expected).max() < TOLERANCE
+
+
+def test_manifest_scaling_applied(seed_net_factory, tmp_path):
+    net, _ = seed_net_factory("gru", input_dim=2, output_dim=1)
+    manifest = ModelManifest("gru", 2, 16, 2, 1, input_mean=(10.0, -5.0), input_std=(2.0, 0.5),
+                             output_mean=(100.0,), output_std=(7.0,))
+    bundle = tmp_path / "scaled.pt"
+    save_bundle(bundle, net.state_dict(), manifest)
+    raw = np.random.default_rng(3).normal(10, 2, size=(6, 2)).astype(np.float32)
+    result = Engine(load_model(bundle)).process(EventBatch.build(["x"] * 6, raw))
+    scaled = (torch.from_numpy(raw) - torch.tensor([10.0, -5.0])) / torch.tensor([2.0, 0.5])
+    with torch.no_grad():
+        expected = net(scaled[None])[0] * 7.0 + 100.0
+    assert abs(result.predictions[-1, 0] - expected.item()) < 1e-4
+
+
+def test_inference_keeps_no_autograd_history(seed_net_factory):
+    _, path = seed_net_factory("lstm")
+    engine = Engine(load_model(path))
+    engine.process(EventBatch.build(["a", "b"], np.ones((2, 4), np.float32)))
+    state = engine.arena.gather("h", np.array([0, 1]))
+    assert not state.requires_grad
+    assert state.grad_fn is None

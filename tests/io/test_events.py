@@ -1,0 +1,106 @@
+import json
+
+import numpy as np
+import pytest
+
+from streamer import errors
+from streamer.errors import InvalidEventError
+from streamer.io.events import EventDecoder, EventFormat, parse_timestamp_ms
+from streamer.state import NO_TIME
+
+
+@pytest.fixture
+def decoder() -> EventDecoder:
+    return EventDecoder(EventFormat(input_size=3, max_record_bytes=2000))
+
+
+def event(**fields) -> bytes:
+    return json.dumps({"entity": "s-1", "features": [1, 2.5, -3], **fields}).encode()
+
+
+def test_valid_event_decoded(decoder):
+    batch, dead = decoder.decode([None], [event(ts=1733300000000, reset=True, target=[1.5])], None, [7], 3)
+    assert dead == []
+    assert batch.entities == ["s-1"]
+    assert batch.features.dtype == np.float32
+    assert batch.features.tolist() == [[1.0, 2.5, -3.0]]
+    assert batch.ts_ms.tolist() == [1733300000000]
+    assert batch.resets.tolist() == [True]
+    assert batch.offsets.tolist() == [7]
+    assert batch.partitions.tolist() == [3]
+    assert batch.targets == [[1.5]]
+
+
+def test_key_wins_over_entity_field(decoder):
+    batch, _ = decoder.decode([b"from-key"], [event()], None, [0])
+    assert batch.entities == ["from-key"]
+
+
+def test_record_timestamp_used_when_ts_absent(decoder):
+    batch, _ = decoder.decode([None, None], [event(), event()], [1234, None], [0, 1])
+    assert batch.ts_ms.tolist() == [1234, NO_TIME]
+
+
+def test_iso_timestamps():
+    assert parse_timestamp_ms("2024-12-04T08:00:00Z") == 1733299200000
+    assert parse_timestamp_ms("2024-12-04T08:00:00") == 1733299200000
+    assert parse_timestamp_ms("2024-12-04T09:00:00+01:00") == 1733299200000
+
+
+def test_named_features():
+    decoder = EventDecoder(EventFormat(input_size=2, feature_names=("temp", "load")))
+    batch, dead = decoder.decode([None, None], [b'{"entity": "a", "temp": 21.5, "load": 0.7}',
+                                                b'{"entity": "a", "temp": 21.5}'], None, [0, 1])
+    assert batch.features.tolist() == [[21.5, pytest.approx(0.7)]]
+    assert [d.reason for d in dead] == [errors.MISSING_FEATURES]
+
+
+BAD_RECORDS = [
+    (b"{not json", errors.INVALID_JSON),
+    (b"[]", errors.NOT_AN_OBJECT),
+    (b'{"features": [1, 2, 3]}', errors.MISSING_ENTITY),
+    (b'{"entity": "", "features": [1, 2, 3]}', errors.INVALID_ENTITY),
+    (b'{"entity": ["x"], "features": [1, 2, 3]}', errors.INVALID_ENTITY),
+    (b'{"entity": "a"}', errors.MISSING_FEATURES),
+    (b'{"entity": "a", "features": null}', errors.MISSING_FEATURES),
+    (b'{"entity": "a", "features": "1,2,3"}', errors.INVALID_FEATURES),
+    (b'{"entity": "a", "features": [1, 2]}', errors.FEATURE_COUNT),
+    (b'{"entity": "a", "features": ["1", "2", "3"]}', errors.INVALID_FEATURES),
+    (b'{"entity": "a", "features": [true, 2, 3]}', errors.INVALID_FEATURES),
+    (b'{"entity": "a", "features": [NaN, 2, 3]}', errors.NON_FINITE_FEATURE),
+    (b'{"entity": "a", "features": [Infinity, 2, 3]}', errors.NON_FINITE_FEATURE),
+    (b'{"entity": "a", "features": [1e999, 2, 3]}', errors.NON_FINITE_FEATURE),
+    (b'{"entity": "a", "features": [1e300, 2, 3]}', errors.NON_FINITE_FEATURE),
+    (b'{"entity": "a", "features": [1, 2, 3], "ts": "yesterday"}', errors.INVALID_TIMESTAMP),
+    (b'{"entity": "a", "features": [1, 2, 3], "ts": true}', errors.INVALID_TIMESTAMP),
+    (b'{"entity": "a", "features": [1, 2, 3], "reset": "yes"}', errors.INVALID_RESET),
+    (b'{"entity": "a", "features": [1, 2, 3], "target": "high"}', errors.INVALID_TARGET),
+    (b'{"entity": "\xff\xfe", "features": [1, 2, 3]}', errors.INVALID_UTF8),
+    (b'{"entity": "a", "features": [' + b"0, " * 1000 + b"0]}", errors.RECORD_TOO_LARGE),
+    (None, errors.NOT_AN_OBJECT),
+]
+
+
+@pytest.mark.parametrize("value,reason", BAD_RECORDS)
+def test_bad_record_has_reason(decoder, value, reason):
+    batch, dead = decoder.decode([None], [value], None, [0])
+    assert len(batch) == 0
+    assert [letter.reason for letter in dead] == [reason]
+    assert dead[0].message
+    assert reason in errors.INVALID_EVENT_REASONS
+
+
+def test_invalid_utf8_key_rejected(decoder):
+    with pytest.raises(InvalidEventError) as caught:
+        decoder.decode_record(b"\xff", event(), None)
+    assert caught.value.reason == errors.INVALID_ENTITY
+
+
+def test_valid_events_after_bad_ones_kept_in_order(decoder):
+    values = [event(entity="a"), b"{oops", event(entity="b", features=[1, 2, float("nan")]), event(entity="c")]
+    batch, dead = decoder.decode([None] * 4, values, None, [0, 1, 2, 3])
+    assert batch.entities == ["a", "c"]
+    assert batch.offsets.tolist() == [0, 3]
+    assert batch.record_index.tolist() == [0, 3]
+    assert [(d.index, d.reason) for d in dead] == [(1, errors.INVALID_JSON), (2, errors.NON_FINITE_FEATURE)]
+    assert dead[0].value == b"{oops"

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from streamer.engine import Engine, EventBatch
+from streamer.errors import StateError
+from streamer.model import load_model
+from streamer.state import NO_OFFSET, StateArena
+
+
+def make_arena(**options) -> StateArena:
+    return StateArena({"h": (2, 3), "c": (2, 3)}, page_slots=4, **options)
+
+
+def test_new_entities_get_zeroed_distinct_slots():
+    arena = make_arena()
+    slots = arena.assign(["a", "b", "a", "c"])
+    assert slots[0] == slots[2]
+    assert len(set(slots.tolist())) == 3
+    assert len(arena) == 3
+    assert torch.count_nonzero(arena.gather("h", slots)) == 0
+    assert (arena.last_offset[slots] == NO_OFFSET).all()
+
+
+def test_growth_adds_pages_and_keeps_rows():
+    arena = make_arena()
+    first = arena.assign([f"e{i}" for i in range(3)])
+    arena.scatter("h", first, torch.arange(18, dtype=torch.float32).reshape(3, 2, 3))
+    pages_before = arena.allocated_slots
+    more = arena.assign([f"e{i}" for i in range(3, 50)])
+    assert arena.allocated_slots > pages_before
+    assert arena.allocated_slots == 52  # 13 pages of 4 slots for 50 entities
+    assert torch.equal(arena.gather("h", first), torch.arange(18, dtype=torch.float32).reshape(3, 2, 3))
+    values = torch.randn(more.size, 2, 3)
+    arena.scatter("h", more, values)
+    assert torch.equal(arena.gather("h", more), values)
+
+
+def test_capacity_evicts_least_recently_used():
+    arena = make_arena(capacity=100)
+    arena.assign([f"old{i}" for i in range(50)])
+    arena.assign([f"new{i}" for i in range(50)])
+    arena.assign([f"old{i}" for i in range(25, 50)])  # touch the newer half of the old entities again
+    arena.assign(["extra"])
+    assert len(arena) <= 100
+    assert arena.evictions == 1
+    removed = arena.drain_removed()
+    assert [r.reason for r in removed] == ["evicted"]
+    assert removed[0].entity.startswith("old") and int(removed[0].entity[3:]) < 25
+    assert "extra" in arena
+
+
+def test_capacity_smaller_than_batch_raises():
+    arena = make_arena(capacity=2)
+    with pytest.raises(StateError, match="capacity 2"):
+        arena.assign(["a", "b", "c"])
+
+
+def test_evicted_slot_reused_from_zero():
+    arena = make_arena(capacity=1)
+    slot = arena.assign(["a"])
+    arena.scatter("h", slot, torch.ones(1, 2, 3))
+    arena.steps[slot] = 7
+    reused = arena.assign(["b"])
+    assert reused[0] == slot[0]
+    assert torch.count_nonzero(arena.gather("h", reused)) == 0
+    assert arena.steps[reused[0]] == 0
+
+
+def test_expiry_in_event_time(seed_net_factory):
+    _, path = seed_net_factory()
+    engine = Engine(load_model(path), idle_expiry_ms=1000)
+    features = np.zeros((2, 4), np.float32)
+    engine.process(EventBatch.build(["a", "b"], features, ts_ms=[0, 0]))
+    engine.process(EventBatch.build(["b", "b"], features, ts_ms=[900, 1500], offsets=[2, 3]))
+    assert "a" not in engine.arena
+    assert "b" in engine.arena
+    assert engine.arena.expirations == 1
+    result = engine.process(EventBatch.build(["a"], features[:1], ts_ms=[1600], offsets=[4]))
+    assert result.steps.tolist() == [1]  # a came back from zero state
+
+
+def test_remove_partitions():
+    arena = make_arena()
+    arena.assign(["a", "b", "c"], np.array([0, 1, 1], np.int32))
+    assert arena.remove_partitions({1}) == 2
+    assert arena.entities() == ["a"]
+    assert {r.reason for r in arena.drain_removed()} == {"revoked"}
+
+
+def test_duplicate_offsets_not_applied(seed_net_factory):
+    _, path = seed_net_factory()
+    engine = Engine(load_model(path))
+    features = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    first = engine.process(EventBatch.build(["a", "a", "b"], features, offsets=[10, 11, 12]))
+    h_before = engine.arena.gather("h", np.array([engine.arena.slot_of("a")])).clone()
+    again = engine.process(EventBatch.build(["a", "a", "b"], features, offsets=[10, 11, 12]))
+    assert first.applied.all()
+    assert not again.applied.any()
+    assert again.duplicates == 3
+    assert torch.equal(engine.arena.gather("h", np.array([engine.arena.slot_of("a")])), h_before)
+    assert engine.arena.steps[engine.arena.slot_of("a")] == 2
+
+
+def test_state_memory_close_to_raw_bytes():
+    arena = StateArena({"h": (2, 64), "c": (2, 64)}, page_slots=16384)
+    arena.assign([f"e{i}" for i in range(100_000)])
+    raw = 100_000 * 2 * 2 * 64 * 4
+    assert arena.nbytes() < 1.3 * raw
