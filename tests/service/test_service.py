@@ -1,0 +1,186 @@
+"""The Kafka service against a real broker: equality with the file backtest, dead letters, shutdown, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from streamer.backtest.file_replay import run_file_backtest
+from streamer.io.files import read_outputs
+from streamer.io.outputs import HEADER_REASON, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC
+from streamer.kafka.console_tools import console_consume, console_produce
+from streamer.model import SeedNet, load_model
+from tests.conftest import CASES_DIR
+from tests.service.service_helpers import ServiceProcess, committed_offsets, create_topics, produce, read_topic
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture
+def bad_input_case(tmp_path):
+    """The mixed valid/invalid stream with the outcome each line must get."""
+    out = tmp_path / "case"
+    subprocess.run([sys.executable, str(CASES_DIR / "make_bad_input_case.py"), str(out)], check=True)
+    lines = (out / "events.jsonl").read_bytes().split(b"\n")
+    expected = json.loads((out / "expected.json").read_text())
+    return out, lines, expected
+
+
+def names(prefix: str) -> dict[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    return {"input_topics": f"{prefix}-in-{suffix}", "output_topic": f"{prefix}-out-{suffix}",
+            "dead_letter_topic": f"{prefix}-dlq-{suffix}", "group_id": f"{prefix}-group-{suffix}"}
+
+
+def test_service_equals_file_backtest_and_dead_letters(kafka_bootstrap, bad_input_case, tmp_path):
+    case_dir, lines, expected = bad_input_case
+    topics = names("case")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    records = [(index, line) for index, line in enumerate(lines) if line]
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], [(None, line) for _, line in records]))
+    offset_of_line = {index: offset for offset, (index, _) in enumerate(records)}
+
+    service = ServiceProcess(tmp_path, model=case_dir / "net.pt", bootstrap_servers=kafka_bootstrap,
+                             topic_partitions=1, **topics)
+    try:
+        service.wait_ready()
+        n_outputs = sum(entry["outcome"] == "output" for entry in expected)
+        n_dead = sum(entry["outcome"] == "dead-letter" for entry in expected)
+        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], n_outputs))
+        dead = asyncio.run(read_topic(kafka_bootstrap, topics["dead_letter_topic"], n_dead))
+    finally:
+        assert service.stop() == 0, service.log()
+
+    file_result = run_file_backtest(load_model(case_dir / "net.pt"), case_dir / "events.jsonl", tmp_path / "file.jsonl")
+    file_outputs = read_outputs(tmp_path / "file.jsonl")
+    assert file_result.outputs == n_outputs
+    assert len(outputs) == n_outputs
+    by_offset = {orjson.loads(record.value)["source"]["offset"]: orjson.loads(record.value) for record in outputs}
+    for file_output in file_outputs:
+        service_output = by_offset[offset_of_line[file_output["source"]["record"]]]
+        assert service_output["entity"] == file_output["entity"]
+        assert service_output["step"] == file_output["step"]
+        assert np.abs(np.subtract(service_output["prediction"], file_output["prediction"])).max() < 1e-6
+    for entry in expected:
+        if entry["outcome"] == "output":
+            got = by_offset[offset_of_line[entry["line"]]]
+            assert np.abs(np.subtract(got["prediction"], entry["prediction"])).max() < 1e-5
+            assert got["entity"] == entry["entity"]
+
+    assert len(dead) == n_dead
+    dead_lines = {entry["line"] for entry in expected if entry["outcome"] == "dead-letter"}
+    for record in dead:
+        headers = dict(record.headers)
+        offset = int(headers[HEADER_SOURCE_OFFSET])
+        line = next(index for index, candidate in offset_of_line.items() if candidate == offset)
+        assert line in dead_lines
+        assert record.value == lines[line]
+        assert headers[HEADER_REASON]
+        assert headers[HEADER_SOURCE_TOPIC].decode() == topics["input_topics"]
+        assert headers[HEADER_SOURCE_PARTITION] == b"0"
+    reasons = {dict(record.headers)[HEADER_REASON].decode() for record in dead}
+    assert {"invalid_json", "record_too_large", "invalid_utf8", "non_finite_feature"} <= reasons
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    torch.manual_seed(7)
+    path = tmp_path / "net.pt"
+    torch.save(SeedNet(4, 16, 5, 1, 2).eval().state_dict(), path)
+    return path
+
+
+def make_events(n_events: int, n_entities: int, start: int = 0) -> list[tuple[bytes, bytes]]:
+    rng = np.random.default_rng(start)
+    features = rng.normal(size=(n_events, 4)).round(4).tolist()
+    return [(f"e{(start + i) % n_entities}".encode(), orjson.dumps({"features": features[i]}))
+            for i in range(n_events)]
+
+
+def test_console_tools_interoperate(kafka_bootstrap, model_path, tmp_path):
+    topics = names("interop")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 2}))
+    events = [(key.decode(), value.decode()) for key, value in make_events(40, 5)]
+    console_produce(kafka_bootstrap, topics["input_topics"], [(k.encode(), v.encode()) for k, v in events])
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=2,
+                             **topics)
+    try:
+        service.wait_ready()
+        records = console_consume(kafka_bootstrap, topics["output_topic"], max_messages=40, timeout_s=60)
+    finally:
+        assert service.stop() == 0, service.log()
+    assert len(records) == 40
+    steps_by_entity: dict[str, list[int]] = {}
+    for key, value in records:
+        output = orjson.loads(value)
+        assert key.decode() == output["entity"]
+        steps_by_entity.setdefault(output["entity"], []).append(output["step"])
+    assert {entity: sorted(steps) for entity, steps in steps_by_entity.items()} == {f"e{i}": list(range(1, 9))
+                                                                                   for i in range(5)}
+
+
+def test_sigterm_commits_at_last_acknowledged_output_and_restart_resumes(kafka_bootstrap, model_path, tmp_path):
+    topics = names("sigterm")
+    total = 60_000
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 2}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(total, 500)))
+    settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=2, max_batch_events=500,
+                    **topics)
+    first = ServiceProcess(tmp_path, **settings)
+    first.wait_ready()
+    deadline = time.monotonic() + 60
+    while first.metric("streamer_events_produced_total") < 5000 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.stop() == 0, first.log()
+    outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], total, timeout_s=10))
+    committed = asyncio.run(committed_offsets(kafka_bootstrap, topics["group_id"], topics["input_topics"], 2))
+    assert 0 < len(outputs) < total, "the stop came after all events; raise the event count"
+    for partition in range(2):
+        offsets = sorted(orjson.loads(r.value)["source"]["offset"] for r in outputs
+                         if orjson.loads(r.value)["source"]["partition"] == partition)
+        assert offsets == list(range(len(offsets)))  # every event once, none skipped, none twice
+        assert (committed[partition] or 0) == len(offsets)  # None: nothing committed yet
+
+    second = ServiceProcess(tmp_path, **settings)
+    try:
+        second.wait_ready()
+        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], total, timeout_s=120))
+    finally:
+        assert second.stop() == 0, second.log()
+    sources = [(orjson.loads(r.value)["source"]["partition"], orjson.loads(r.value)["source"]["offset"])
+               for r in outputs]
+    assert len(sources) == total
+    assert len(set(sources)) == total  # the restart resumed exactly at the committed offsets
+
+
+def test_broker_restart_while_running(kafka_broker, kafka_bootstrap, model_path, tmp_path):
+    topics = names("restart")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 2}))
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=2,
+                             request_timeout_ms=3000, **topics)
+    try:
+        service.wait_ready()
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(200, 20)))
+        assert len(asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 200))) == 200
+        kafka_broker.stop()
+        time.sleep(5)
+        assert service.process.poll() is None, service.log()
+        assert service.get("/healthz")[0] == 200
+        kafka_broker.start(timeout_s=120)
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(200, 20, start=200)))
+        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 400, timeout_s=120))
+    finally:
+        code = service.stop()
+    assert code == 0, service.log()
+    sources = {(orjson.loads(r.value)["source"]["partition"], orjson.loads(r.value)["source"]["offset"])
+               for r in outputs}
+    assert len(sources) == 400
