@@ -90,6 +90,87 @@ def run(
     asyncio.run(run_service(settings))
 
 
+@app.command()
+def train(
+    output: Path = typer.Option(Path("out/fertility-lstm.pt"), help="Where to write the model bundle."),
+    seq_len: int = typer.Option(8, min=1, help="Training window length (events)."),
+    hidden_size: int = typer.Option(32, min=1, help="LSTM hidden size."),
+    layers: int = typer.Option(2, min=1, help="Stacked recurrent layers."),
+    epochs: int = typer.Option(30, min=1, help="Training epochs."),
+    cell: str = typer.Option("lstm", help="lstm, gru or rnn."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
+    """Train the seed network on the World Bank fertility data set (shipped with statsmodels)."""
+    from streamer.train import train_bundle
+
+    configure_logging()
+    result = train_bundle(output, seq_len=seq_len, hidden_size=hidden_size, num_layers=layers, epochs=epochs,
+                          cell=cell, seed=seed)
+    typer.echo(f"bundle: {result.path}")
+    typer.echo(f"holdout window MAE {result.holdout.mae:.4f}, last-value baseline {result.holdout.last_value_mae:.4f}")
+
+
+@app.command()
+def demo(
+    work_dir: Path = typer.Option(Path("out/demo"), help="Directory for the bundle, outputs, reports and broker."),
+    epochs: int = typer.Option(30, min=1, help="Training epochs when no bundle exists yet."),
+) -> None:
+    """Train, backtest and serve the fertility model through a local Kafka broker, then print the figures."""
+    from streamer.demo import run_demo
+
+    configure_logging("WARNING")
+    # The first group join always logs a transient "coordinator not available" error; it is not a fault.
+    logging.getLogger("aiokafka.consumer.group_coordinator").setLevel(logging.CRITICAL)
+    run_demo(work_dir, epochs=epochs)
+
+
+@app.command()
+def generate(
+    output: Path = typer.Option(..., help="JSON Lines file to write."),
+    events: int = typer.Option(1_000_000, min=1, help="Number of events."),
+    entities: int = typer.Option(10_000, min=1, help="Number of distinct entities."),
+    input_size: int = typer.Option(8, min=1, help="Features per event."),
+    seed: int = typer.Option(0, help="Random seed."),
+    zipf: Optional[float] = typer.Option(None, help="Zipf exponent for skewed entity popularity."),
+) -> None:
+    """Write a synthetic event stream for scale tests."""
+    from streamer.data.synthetic import write_synthetic
+
+    count = write_synthetic(output, events, entities, input_size, seed=seed, zipf_exponent=zipf)
+    typer.echo(f"wrote {count} events to {output}")
+
+
+@kafka_app.command("start")
+def kafka_start(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory."),
+                port: Optional[int] = typer.Option(None, help="Listener port (default: a free one).")) -> None:
+    """Start a detached local broker and print its bootstrap address."""
+    from streamer.kafka.local_broker import start_detached
+
+    configure_logging()
+    typer.echo(start_detached(data_dir=data_dir, port=port))
+
+
+@kafka_app.command("stop")
+def kafka_stop(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory.")) -> None:
+    """Stop the local broker started with `streamer kafka start`."""
+    from streamer.kafka.local_broker import stop_detached
+
+    configure_logging()
+    typer.echo("stopped" if stop_detached(data_dir=data_dir) else "not running")
+
+
+@kafka_app.command("status")
+def kafka_status(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory.")) -> None:
+    """Print the local broker's address, or exit with 3 when it is not running."""
+    from streamer.kafka.local_broker import STATUS_NOT_RUNNING_EXIT_CODE, broker_status
+
+    state = broker_status(data_dir=data_dir)
+    if state is None:
+        typer.echo("not running")
+        raise typer.Exit(STATUS_NOT_RUNNING_EXIT_CODE)
+    typer.echo(state.bootstrap_servers)
+
+
 def main() -> None:
     try:
         app()

@@ -153,7 +153,7 @@ class EventDecoder:
 
     def _features(self, document: dict) -> list:
         fmt = self.format
-        if fmt.feature_names is not None:
+        if fmt.feature_names is not None and fmt.features_field not in document:
             missing = [name for name in fmt.feature_names if name not in document]
             if missing:
                 raise InvalidEventError(f"Missing feature fields {missing}", reason=errors.MISSING_FEATURES)

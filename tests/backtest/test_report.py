@@ -1,0 +1,326 @@
+"""Backtest metrics, report files, the HTML page and stateful versus window divergence."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from streamer.backtest import divergence, format_summary, write_report
+from streamer.backtest.divergence import step_buckets
+from streamer.backtest.metrics import (
+    error_metrics,
+    over_time_metrics,
+    per_entity_metrics,
+    to_scored_records,
+    worst_entities,
+)
+from streamer.backtest.report import analyze
+
+
+def _record(entity, ts, step, prediction, target=None, line=None):
+    record = {"entity": entity, "ts": ts, "step": step, "prediction": prediction, "model": "abc"}
+    if target is not None:
+        record["target"] = target
+    if line is not None:
+        record["source"] = {"path": "events.jsonl", "line": line}
+    return record
+
+
+# Errors (prediction - target): A: -1, 0, unscored; B: 2 (target 0), 2.
+SMALL = [
+    _record("A", 0, 0, [1.0], 2.0),
+    _record("A", 1000, 1, [3.0], 3.0),
+    _record("A", 2000, 2, [5.0]),
+    _record("B", 0, 0, [2.0], 0.0),
+    _record("B", 1000, 1, [6.0], [4.0]),
+]
+
+
+def test_overall_metrics_by_hand():
+    summary = analyze(SMALL).summary
+    metrics = summary["metrics"]
+
+    assert summary["records"] == 5
+    assert summary["scored_records"] == 4
+    assert summary["entities"] == 2
+    assert metrics["n"] == 4
+    assert metrics["mae"] == pytest.approx(1.25)
+    assert metrics["rmse"] == pytest.approx(1.5)
+    assert metrics["mape_percent"] == pytest.approx(100.0 / 3.0)
+    assert metrics["mape_excluded"] == 1
+    assert metrics["bias"] == pytest.approx(0.75)
+
+
+def test_per_entity_metrics_by_hand():
+    table = per_entity_metrics(to_scored_records(SMALL)).set_index("entity")
+
+    assert table.loc["A", "records"] == 3
+    assert table.loc["A", "n"] == 2
+    assert table.loc["A", "mae"] == pytest.approx(0.5)
+    assert table.loc["A", "rmse"] == pytest.approx(math.sqrt(0.5))
+    assert table.loc["A", "mape_percent"] == pytest.approx(25.0)
+    assert table.loc["A", "bias"] == pytest.approx(-0.5)
+    assert table.loc["A", "last_ts"] == 2000
+    assert table.loc["B", "mae"] == pytest.approx(2.0)
+    assert table.loc["B", "mape_percent"] == pytest.approx(50.0)
+
+
+def test_worst_entities_order():
+    table = per_entity_metrics(to_scored_records(SMALL))
+
+    assert worst_entities(table, 5)["entity"].tolist() == ["B", "A"]
+
+
+def test_over_time_metrics_by_hand():
+    table = over_time_metrics(to_scored_records(SMALL))
+
+    assert table["start_ts"].tolist() == [0, 1000]
+    assert table["n"].tolist() == [2, 2]
+    assert table["mae"].tolist() == pytest.approx([1.5, 1.0])
+    assert table["rmse"].tolist() == pytest.approx([math.sqrt(2.5), math.sqrt(2.0)])
+
+
+def test_over_time_equal_width_buckets():
+    records = [_record("A", ts, 0, [float(ts)], 0.0) for ts in range(100)]
+
+    table = over_time_metrics(to_scored_records(records), max_buckets=10)
+
+    assert len(table) == 10
+    assert table["n"].tolist() == [10] * 10
+    assert table["start_ts"].iloc[1] == 10
+
+
+def test_error_metrics_empty_and_all_zero_targets():
+    empty = error_metrics(np.array([]), np.array([]))
+    zeros = error_metrics(np.array([1.0, -1.0]), np.array([0.0, 0.0]))
+
+    assert empty["n"] == 0
+    assert math.isnan(empty["mae"])
+    assert zeros["mae"] == 1.0
+    assert math.isnan(zeros["mape_percent"])
+    assert zeros["mape_excluded"] == 2
+
+
+def test_multi_output_records():
+    records = [_record("A", 0, 0, [1.0, 10.0], [2.0, 12.0]), _record("A", 1, 1, [0.0, 0.0], [0.0, 1.0])]
+
+    metrics = analyze(records).summary["metrics"]
+
+    assert metrics["n"] == 4
+    assert metrics["mae"] == pytest.approx((1 + 2 + 0 + 1) / 4)
+
+
+def test_dataframe_input_matches_dicts():
+    frame = pd.DataFrame(SMALL)
+
+    assert analyze(frame).summary["metrics"] == analyze(SMALL).summary["metrics"]
+
+
+def test_target_length_mismatch_rejected():
+    with pytest.raises(ValueError, match="target of length 2"):
+        to_scored_records([_record("A", 0, 0, [1.0], [1.0, 2.0])])
+
+
+def test_missing_prediction_field_rejected():
+    with pytest.raises(ValueError, match="lack the fields"):
+        to_scored_records([{"entity": "A", "ts": 0}])
+
+
+def test_missing_step_uses_entity_position():
+    records = [{"entity": e, "ts": i, "prediction": [0.0]} for i, e in enumerate("ABAAB")]
+
+    steps = to_scored_records(records).frame["step"].tolist()
+
+    assert steps == [0, 0, 1, 2, 1]
+
+
+def _fertility_like_records(entities: int = 8, steps: int = 30) -> list[dict]:
+    rng = np.random.default_rng(0)
+    records = []
+    line = 0
+    for step in range(steps):
+        for index in range(entities):
+            target = 2.0 + np.sin(step / 5 + index)
+            prediction = target + rng.normal(0, 0.05 * (index + 1))
+            records.append(_record(f"C{index}", step * 1000, step, [prediction], target, line=line))
+            line += 1
+    return records
+
+
+def test_report_files_written(tmp_path):
+    records = _fertility_like_records()
+
+    paths = write_report(records, tmp_path / "report", title="Test run", extra_summary={"events": 240,
+                         "dead_letters": 3, "events_per_second": 1000.0})
+
+    for path in (paths.summary, paths.per_entity, paths.over_time, paths.html, *paths.plots.values()):
+        assert path.is_file()
+        assert path.stat().st_size > 0
+    assert paths.divergence is None
+    assert {"mae_over_time", "error_histogram", "entity_worst_1", "entity_typical_1"} <= set(paths.plots)
+    summary = json.loads(paths.summary.read_text())
+    assert summary["run"]["dead_letters"] == 3
+    assert summary["worst_entities"][0]["entity"] == "C7"
+    assert sum(summary["errors"]["histogram"]["counts"]) == 240
+    per_entity = pd.read_csv(paths.per_entity)
+    assert list(per_entity.columns) == ["entity", "records", "n", "mae", "rmse", "mape_percent", "bias",
+                                        "first_ts", "last_ts"]
+    assert len(per_entity) == 8
+
+
+def test_report_html_self_contained(tmp_path):
+    records = _fertility_like_records()
+    window = [dict(record, prediction=[record["prediction"][0] + 0.01 * record["step"]]) for record in records]
+
+    paths = write_report(records, tmp_path, title="A <b> title", divergence_against=window)
+
+    page = paths.html.read_text()
+    images = re.findall(r'<img src="([^"]*)"', page)
+    assert len(images) == len(paths.plots)
+    assert all(source.startswith("data:image/png;base64,") for source in images)
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert "<script" not in page
+    assert "A &lt;b&gt; title" in page
+    assert "divergence" in page
+
+
+def test_report_deterministic(tmp_path):
+    records = _fertility_like_records()
+
+    first = write_report(records, tmp_path / "one")
+    second = write_report(records, tmp_path / "two")
+
+    assert first.html.read_bytes() == second.html.read_bytes()
+    assert first.summary.read_bytes() == second.summary.read_bytes()
+
+
+def test_format_summary_lines(tmp_path):
+    paths = write_report(SMALL, tmp_path, extra_summary={"events": 7, "dead_letters": 2,
+                                                         "events_per_second": 12345.6})
+
+    text = format_summary(json.loads(paths.summary.read_text()))
+
+    assert "events 7" in text
+    assert "entities 2" in text
+    assert "dead letters 2" in text
+    assert "12,346 events/s" in text
+    assert "MAE 1.25" in text
+    assert "RMSE 1.5" in text
+    assert "MAPE 33.33 %" in text
+    assert "1 zero targets left out of MAPE" in text
+
+
+def _divergence_runs():
+    stateful = [
+        _record("A", 0, 0, [1.0], line=0),
+        _record("B", 0, 0, [5.0], line=1),
+        _record("A", 1, 1, [2.0], line=2),
+        _record("B", 1, 1, [5.0], line=3),
+        _record("A", 2, 2, [3.0], line=4),
+        _record("A", 3, 0, [4.0], line=5),
+    ]
+    window = [
+        _record("A", 0, 0, [1.0], line=0),
+        _record("B", 0, 0, [5.5], line=1),
+        _record("A", 1, 1, [2.5], line=2),
+        _record("B", 1, 1, [4.0], line=3),
+        _record("A", 2, 2, [1.0], line=4),
+        _record("C", 9, 0, [0.0], line=6),
+    ]
+    return stateful, window
+
+
+def test_divergence_by_step_by_hand():
+    stateful, window = _divergence_runs()
+
+    result = divergence(stateful, window)
+
+    by_step = result.by_step.set_index("step_min")
+    assert result.join_key == "source"
+    assert result.matched == 5
+    assert result.unmatched_left == 1
+    assert result.unmatched_right == 1
+    assert by_step.loc[0, "n"] == 2
+    assert by_step.loc[0, "mean_abs_diff"] == pytest.approx(0.25)
+    assert by_step.loc[0, "max_abs_diff"] == pytest.approx(0.5)
+    assert by_step.loc[1, "mean_abs_diff"] == pytest.approx(0.75)
+    assert by_step.loc[1, "max_abs_diff"] == pytest.approx(1.0)
+    assert by_step.loc[2, "mean_abs_diff"] == pytest.approx(2.0)
+
+
+def test_divergence_by_entity_by_hand():
+    stateful, window = _divergence_runs()
+
+    by_entity = divergence(stateful, window).by_entity.set_index("entity")
+
+    assert by_entity.loc["A", "n"] == 3
+    assert by_entity.loc["A", "mean_abs_diff"] == pytest.approx(2.5 / 3)
+    assert by_entity.loc["A", "max_abs_diff"] == pytest.approx(2.0)
+    assert by_entity.loc["A", "step_at_max"] == 2
+    assert by_entity.loc["B", "max_abs_diff"] == pytest.approx(1.0)
+
+
+def test_divergence_join_without_source():
+    stateful, window = _divergence_runs()
+    for record in stateful + window:
+        del record["source"]
+
+    result = divergence(stateful, window)
+
+    assert result.join_key == "ts"
+    assert result.matched == 5
+    assert result.records["abs_diff"].sum() == pytest.approx(0.5 + 0.5 + 1.0 + 2.0)
+
+
+def test_divergence_duplicate_keys_rejected():
+    stateful, window = _divergence_runs()
+
+    with pytest.raises(ValueError, match="several records"):
+        divergence(stateful + stateful[:1], window)
+
+
+def test_divergence_files(tmp_path):
+    stateful, window = _divergence_runs()
+
+    paths = write_report(stateful, tmp_path, divergence_against=window)
+
+    rows = [json.loads(line) for line in paths.divergence.read_text().splitlines()]
+    assert len(rows) == 5
+    assert set(rows[0]) == {"entity", "ts", "step", "abs_diff"}
+    assert list(pd.read_csv(paths.divergence_by_step).columns) == [
+        "step_min", "step_max", "n", "mean_abs_diff", "p95_abs_diff", "max_abs_diff"]
+    summary = json.loads(paths.summary.read_text())
+    assert summary["divergence"]["matched"] == 5
+    assert summary["divergence"]["max_abs_diff"] == pytest.approx(2.0)
+
+
+def test_step_buckets_exact_then_powers_of_two():
+    assert step_buckets(3) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    buckets = step_buckets(100)
+    assert buckets[15] == (15, 15)
+    assert buckets[16:] == [(16, 31), (32, 63), (64, 127)]
+
+
+def test_null_prediction_value_not_scored():
+    scored = to_scored_records([_record("A", 0, 0, [None], 1.0), _record("A", 1, 1, [2.0], 1.0)])
+
+    assert scored.predictions.shape == (2, 1)
+    assert scored.scored[:, 0].tolist() == [False, True]
+
+
+def test_ragged_predictions_rejected():
+    with pytest.raises(ValueError, match="lengths"):
+        to_scored_records([_record("A", 0, 0, [1.0]), _record("A", 1, 1, [1.0, 2.0])])
+
+
+def test_empty_records_report(tmp_path):
+    paths = write_report([], tmp_path)
+
+    summary = json.loads(paths.summary.read_text())
+    assert summary["records"] == 0
+    assert summary["metrics"]["mae"] is None
