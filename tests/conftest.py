@@ -11,7 +11,8 @@ from streamer.model import SeedNet
 from tests.kafka_fixtures import kafka_bootstrap, kafka_broker, topic_factory, unique_topic  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CASES_DIR = REPO_ROOT.parent / "shared" / "cases"
+# Generators of the input cases users send, each writing its files and the outcome every record must get.
+CASES_DIR = REPO_ROOT / "tests" / "cases"
 
 
 @pytest.fixture
