@@ -60,7 +60,7 @@ def run_streamer(model: RecurrentModel, values: list[bytes], batch_size: int) ->
 
 
 def run_naive(net: SeedNet, values: list[bytes]) -> float:
-    """The seed's serving call: per event, decode, re-run the last 30 events from zero state, encode."""
+    """Measure the seed's serving call: per event, decode, re-run the last 30 events from zero state, encode."""
     history: dict[str, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=WINDOW))
     started = time.perf_counter()
     with torch.inference_mode():

@@ -96,7 +96,7 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
 
 
 class _progress:
-    """A rich progress bar with rate and ETA on a terminal, nothing otherwise; the context value advances it."""
+    """Progress bar with rate and ETA, shown only on a terminal. The context value advances it."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self._enabled = enabled

@@ -8,7 +8,7 @@ import numpy as np
 def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
     """Return the event positions of each wave, in order.
 
-    Wave k holds every entity's k-th event of the batch, so the events of one entity are applied in arrival
+    Wave k contains every entity's k-th event of the batch, so the events of one entity are applied in arrival
     order while all entities of a wave advance in one model call. Positions inside a wave are ascending.
     """
     n = slots.size

@@ -73,7 +73,7 @@ def dead_letter_headers(letter: DeadLetter, topic: str, partition: int, offset: 
 
 
 def encode_dead_letter_line(letter: DeadLetter, source: dict[str, Any]) -> bytes:
-    """One JSON line for a dead-letter file: reason, message, source, and the original bytes in base64."""
+    """Encode one JSON line for a dead-letter file: reason, message, source, and the original bytes in base64."""
     document: dict[str, Any] = {"reason": letter.reason, "message": letter.message, "source": source}
     for name, raw in (("key", letter.key), ("value", letter.value)):
         document[f"{name}_base64"] = None if raw is None else base64.b64encode(raw).decode()

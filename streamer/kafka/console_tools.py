@@ -20,11 +20,10 @@ from pathlib import Path
 
 from streamer.kafka.jars import (
     DEFAULT_KAFKA_VERSION,
-    LOG4J2_CONFIG_PATH,
     fetch_kafka_jars,
     kafka_classpath,
 )
-from streamer.kafka.local_broker import java_executable
+from streamer.kafka.local_broker import java_executable, tool_jvm_options
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +186,7 @@ def _java_command(version: str, main_class: str) -> list[str]:
     libs_dir: Path = fetch_kafka_jars(version)
     return [
         java_executable(),
-        "-Xmx256m",
-        "-XX:+UseSerialGC",
-        "-XX:TieredStopAtLevel=1",
-        "-Djava.awt.headless=true",
-        f"-Dlog4j2.configurationFile={LOG4J2_CONFIG_PATH}",
-        "-Dstreamer.kafka.log.level=WARN",
+        *tool_jvm_options(),
         "-cp",
         kafka_classpath(libs_dir),
         main_class,

@@ -382,7 +382,7 @@ class LocalKafka:
         cluster_id = _random_kafka_uuid()
         command = [
             java_executable(),
-            *_tool_jvm_options(),
+            *tool_jvm_options(),
             "-cp",
             kafka_classpath(libs_dir),
             STORAGE_TOOL_MAIN_CLASS,
@@ -557,7 +557,8 @@ def _receive_exactly(connection: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def _tool_jvm_options() -> list[str]:
+def tool_jvm_options() -> list[str]:
+    """Return the JVM options of Kafka's short-lived command-line tools: small heap, quick start, WARN logs."""
     return [
         "-Xmx256m",
         "-XX:+UseSerialGC",

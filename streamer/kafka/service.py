@@ -204,30 +204,28 @@ class StreamerService:
         self._dead_letter_partitioner = KeyPartitioner(counts[settings.dead_letter_topic])
 
     async def _shutdown(self) -> None:
-        remaining = lambda: max(0.1, (self._stop_deadline or time.monotonic()) - time.monotonic())  # noqa: E731
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
         # Step 2
         if self.producer is not None:
-            try:
-                await asyncio.wait_for(self.producer.flush(), remaining())
-            except (asyncio.TimeoutError, KafkaError) as error:
-                logger.warning("Producer flush did not finish before the shutdown deadline: %r", error)
+            await self._until_deadline(self.producer.flush(), "Producer flush")
         # Step 3
         if self.consumer is not None:
-            try:
-                await asyncio.wait_for(self.consumer.stop(), remaining())
-            except (asyncio.TimeoutError, KafkaError) as error:
-                logger.warning("Consumer did not leave the group cleanly: %r", error)
+            await self._until_deadline(self.consumer.stop(), "Consumer leaving the group")
         # Step 4
         if self.producer is not None:
-            try:
-                await asyncio.wait_for(self.producer.stop(), remaining())
-            except (asyncio.TimeoutError, KafkaError) as error:
-                logger.warning("Producer did not stop cleanly: %r", error)
+            await self._until_deadline(self.producer.stop(), "Producer stop")
         if self.metrics_server is not None:
             self.metrics_server.stop()
         logger.info("Stopped after %d events", self.events_processed)
+
+    async def _until_deadline(self, call, operation: str) -> None:
+        """Await one shutdown step, giving up with a warning at the shutdown deadline or on a broker error."""
+        remaining_s = max(0.1, self._stop_deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(call, remaining_s)
+        except (asyncio.TimeoutError, KafkaError) as error:
+            logger.warning("%s did not finish before the shutdown deadline: %r", operation, error)
 
     # -- rebalances --------------------------------------------------------------------------------------
 
@@ -237,8 +235,8 @@ class StreamerService:
             return
         async with self._batch_lock:
             partitions = {tp.partition for tp in revoked}
-            # NOTE: the arena keys entities by partition number only; with several input topics, a revoked
-            # partition number drops that number's entities of every topic (range assignment keeps them together).
+            # NOTE: the arena keys entities by partition number only. With several input topics, a revoked
+            # partition number drops that number's entities of every topic, which range assignment co-assigns.
             dropped = self.engine.arena.remove_partitions(partitions)
             self.engine.arena.drain_removed()
             self._assignment -= revoked
@@ -294,8 +292,8 @@ class StreamerService:
 
         encoded = encode_outputs(batch, result, self.model.fingerprint, source)
         partitioner = self._output_partitioner
-        # Outputs are keyed by entity; with equal partition counts an input keyed by entity was already
-        # partitioned by the same default partitioner, so the input partition is reused without hashing.
+        # Outputs are keyed by entity. With equal partition counts, an input keyed by entity and written with the
+        # default partitioner is already on the output's partition number, so that number is reused unhashed.
         reuse = {topic for topic, count in self._input_partitions.items() if count == partitioner.partitions}
         records = []
         for position, key, value in encoded:

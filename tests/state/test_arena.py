@@ -46,7 +46,8 @@ def test_capacity_evicts_least_recently_used():
     assert arena.evictions == 1
     removed = arena.drain_removed()
     assert [r.reason for r in removed] == ["evicted"]
-    assert removed[0].entity.startswith("old") and int(removed[0].entity[3:]) < 25
+    assert removed[0].entity.startswith("old")
+    assert int(removed[0].entity[3:]) < 25
     assert "extra" in arena
 
 
