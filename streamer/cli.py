@@ -31,23 +31,82 @@ def configure_logging(level: str = "INFO") -> None:
 @app.command()
 def backtest(
     model: Path = typer.Option(..., help="Model bundle or plain seed state_dict file."),
-    input: Path = typer.Option(..., "--input", help="Events: .jsonl, .csv or .parquet, read in file order."),
-    output: Path = typer.Option(..., help="Outputs: .jsonl or .parquet; dead letters go beside it."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Events: .jsonl, .csv or .parquet, read in file order."),
+    topic: Optional[list[str]] = typer.Option(None, "--topic", help="Replay this Kafka topic instead of a file "
+                                              "(repeat for several topics)."),
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Kafka bootstrap servers (host:port,...) for --topic."),
+    from_: str = typer.Option("earliest", "--from", help="Range start for --topic: earliest, latest, epoch ms, "
+                              "ISO-8601 (UTC when no zone), or offsets per partition such as 0:100,1:250."),
+    to: str = typer.Option("latest", "--to", help="Range end for --topic, exclusive, in the forms of --from; "
+                           "latest is the end offset when the replay starts."),
+    output: Optional[Path] = typer.Option(None, help="Outputs: .jsonl or .parquet; dead letters go beside it."),
+    output_topic: Optional[str] = typer.Option(None, help="With --topic: produce outputs to this topic instead of "
+                                               "a file; it must not be an input topic and must be empty."),
+    allow_existing_output: bool = typer.Option(False, help="Allow an --output-topic that already has records."),
     semantics: str = typer.Option("stateful", help="stateful (carry state) or window (last seq_len events)."),
     seq_len: Optional[int] = typer.Option(None, help="Window length for window semantics (overrides the bundle)."),
-    batch_size: int = typer.Option(4096, min=1, help="Events per engine batch."),
+    batch_size: int = typer.Option(4096, min=1, help="Events per engine batch; with --topic, records per "
+                                   "partition per engine batch."),
     max_entities: Optional[int] = typer.Option(None, min=1, help="State capacity; LRU entities are evicted."),
     idle_expiry_ms: Optional[int] = typer.Option(None, min=1, help="Expire entities idle this long in event time."),
-    report_dir: Optional[Path] = typer.Option(None, help="Write the accuracy report here (default: beside output)."),
+    report_dir: Optional[Path] = typer.Option(None, help="Write the accuracy report here (default: beside output, "
+                                              "or <output-topic>-report)."),
     compare_window: bool = typer.Option(False, help="Also run window semantics and report the divergence."),
+    target: str = typer.Option("event", help="With --topic: event (the event's target field) or next-value:K "
+                               "(feature K, index or name, of the entity's next event)."),
+    initial_state: str = typer.Option("empty", help="With --topic: state at the range start; only empty exists."),
+    request_timeout_ms: int = typer.Option(30_000, min=1, help="With --topic: timeout of each broker call, in ms."),
 ) -> None:
-    """Replay a file through the engine and write one output per valid event."""
+    """Replay a file or a range of Kafka topics through the engine and write one output per valid event.
+
+    A topic replay reads with manual assignment and no consumer group, so it commits no offsets and a
+    running service does not notice it.
+    """
     from streamer.backtest.runner import backtest_file_command
+    from streamer.errors import ConfigError
 
     configure_logging()
+    if topic:
+        _backtest_topic(model=model, input=input, topics=topic, bootstrap_servers=bootstrap_servers, start=from_,
+                        end=to, output=output, output_topic=output_topic,
+                        allow_existing_output=allow_existing_output, semantics=semantics, seq_len=seq_len,
+                        batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
+                        report_dir=report_dir, compare_window=compare_window, target=target,
+                        initial_state=initial_state, request_timeout_ms=request_timeout_ms)
+        return
+    if input is None:
+        raise ConfigError("Missing input: pass --input FILE, or --topic with --bootstrap-servers")
+    if output_topic is not None:
+        raise ConfigError("Invalid --output-topic for a file backtest: pass --output FILE, or replay --topic")
+    if output is None:
+        raise ConfigError("Missing --output: a file backtest writes its outputs to a .jsonl or .parquet file")
     backtest_file_command(model=model, input_path=input, output_path=output, semantics=semantics,
                           seq_len=seq_len, batch_size=batch_size, max_entities=max_entities,
                           idle_expiry_ms=idle_expiry_ms, report_dir=report_dir, compare_window=compare_window)
+
+
+def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], bootstrap_servers: str | None, start: str,
+                    end: str, output: Path | None, output_topic: str | None, allow_existing_output: bool,
+                    semantics: str, seq_len: int | None, batch_size: int, max_entities: int | None,
+                    idle_expiry_ms: int | None, report_dir: Path | None, compare_window: bool, target: str,
+                    initial_state: str, request_timeout_ms: int) -> None:
+    """Check the flags of a topic backtest and run it."""
+    from streamer.backtest.runner import backtest_topic_command
+    from streamer.backtest.topic_replay import TopicReplaySpec, parse_range_bound
+    from streamer.errors import ConfigError
+
+    if input is not None:
+        raise ConfigError("Expected --input or --topic, got both: a backtest replays a file or topics")
+    if not bootstrap_servers:
+        raise ConfigError("Missing --bootstrap-servers: --topic needs the Kafka broker to read from")
+    spec = TopicReplaySpec(bootstrap_servers=bootstrap_servers, topics=tuple(topics),
+                           start=parse_range_bound(start, "--from"), end=parse_range_bound(end, "--to"),
+                           request_timeout_ms=request_timeout_ms)
+    backtest_topic_command(model=model, spec=spec, output_path=output, output_topic=output_topic,
+                           allow_existing_output=allow_existing_output, semantics=semantics, seq_len=seq_len,
+                           batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
+                           report_dir=report_dir, compare_window=compare_window, target=target,
+                           initial_state=initial_state)
 
 
 def _flag(default, name: str, text: str, **options):

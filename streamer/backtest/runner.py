@@ -1,4 +1,4 @@
-"""The ``streamer backtest`` command for files: replay, then write the accuracy report."""
+"""The ``streamer backtest`` command for files and Kafka topics: replay, then write the accuracy report."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import json
 import logging
 from pathlib import Path
 
+import orjson
 import typer
 
 from streamer.backtest.file_replay import BacktestResult, run_file_backtest
 from streamer.backtest.report import ReportPaths, format_summary, write_report
+from streamer.backtest.topic_replay import TopicBacktestResult, TopicReplaySpec, parse_target, run_topic_backtest
 from streamer.io.files import read_outputs
 from streamer.model import load_model
 
@@ -46,5 +48,66 @@ def backtest_file_command(*, model: Path, input_path: Path, output_path: Path, s
                                   report_dir=report_dir, compare_window=compare_window)
     typer.echo(format_summary(json.loads(paths.summary.read_text())))
     typer.echo(f"outputs:      {result.output_path}")
+    typer.echo(f"dead letters: {result.dead_letter_path} ({result.dead_letters})")
+    typer.echo(f"report:       {paths.html}")
+
+
+def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path | None = None,
+                   output_topic: str | None = None, allow_existing_output: bool = False, semantics: str = "stateful",
+                   seq_len: int | None = None, batch_size: int = 4096, max_entities: int | None = None,
+                   idle_expiry_ms: int | None = None, report_dir: Path | None = None, compare_window: bool = False,
+                   target: str = "event", initial_state: str = "empty", title: str | None = None,
+                   progress: bool | None = None) -> tuple[TopicBacktestResult, ReportPaths]:
+    """Replay a range of Kafka topics, write outputs, dead letters and a report; optionally compare with window.
+
+    The report goes to ``report_dir``, by default beside the output file, or ``<output topic>-report`` in the
+    working directory for an output topic. With an output topic, dead letters go to ``dead-letter.jsonl`` in
+    the report directory, and the window run of ``compare_window`` always goes to ``window.jsonl`` there.
+    """
+    model = load_model(model_path, seq_len=seq_len)
+    target_feature = parse_target(target, model)
+    if report_dir is None:
+        report_dir = (output_path.with_name(f"{output_path.stem}-report") if output_path is not None
+                      else Path(f"{output_topic}-report"))
+    dead_letter_path = report_dir / "dead-letter.jsonl" if output_topic is not None else None
+    options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
+                   initial_state=initial_state, target_feature=target_feature, progress=progress)
+    result = run_topic_backtest(model, spec, output_path=output_path, output_topic=output_topic,
+                                dead_letter_path=dead_letter_path, allow_existing_output=allow_existing_output,
+                                keep_topic_outputs=True, semantics=semantics, **options)
+    window_records = None
+    if compare_window and semantics == "stateful":
+        window_path = (output_path.with_name(f"{output_path.stem}.window{output_path.suffix}")
+                       if output_path is not None else report_dir / "window.jsonl")
+        run_topic_backtest(model, spec, output_path=window_path, semantics="window", **options)
+        window_records = read_outputs(window_path)
+    if output_path is not None:
+        records = read_outputs(output_path)
+    else:
+        records = [orjson.loads(value) for value in result.output_values or ()]
+    topics = ", ".join(spec.topics)
+    paths = write_report(records, report_dir, title=title or f"Backtest of topic {topics} ({semantics})",
+                         divergence_against=window_records,
+                         extra_summary={**result.as_dict(), "events_per_second": result.events_per_s,
+                                        "model": model.fingerprint, "target": target,
+                                        "initial_state": initial_state, "from": spec.start.describe(),
+                                        "to": spec.end.describe()})
+    return result, paths
+
+
+def backtest_topic_command(*, model: Path, spec: TopicReplaySpec, output_path: Path | None,
+                           output_topic: str | None, allow_existing_output: bool, semantics: str,
+                           seq_len: int | None, batch_size: int, max_entities: int | None,
+                           idle_expiry_ms: int | None, report_dir: Path | None, compare_window: bool, target: str,
+                           initial_state: str) -> None:
+    result, paths = backtest_topic(model, spec, output_path=output_path, output_topic=output_topic,
+                                   allow_existing_output=allow_existing_output, semantics=semantics, seq_len=seq_len,
+                                   batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
+                                   report_dir=report_dir, compare_window=compare_window, target=target,
+                                   initial_state=initial_state)
+    typer.echo(format_summary(json.loads(paths.summary.read_text())))
+    for r in result.ranges:
+        typer.echo(f"range:        {r.topic}[{r.partition}] offsets {r.start} to {r.end} (exclusive)")
+    typer.echo(f"outputs:      {result.output_path or 'topic ' + result.output_topic}")
     typer.echo(f"dead letters: {result.dead_letter_path} ({result.dead_letters})")
     typer.echo(f"report:       {paths.html}")

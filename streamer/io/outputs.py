@@ -9,6 +9,7 @@ import numpy as np
 import orjson
 
 from streamer.engine.batch import EventBatch, StepResult
+from streamer.engine.gc_pause import paused_gc
 from streamer.io.events import DeadLetter
 from streamer.state.arena import NO_TIME
 
@@ -30,24 +31,22 @@ def encode_outputs(batch: EventBatch, result: StepResult, fingerprint: str, sour
     """
     predictions = result.predictions.tolist()
     steps = result.steps.tolist()
-    ts_column = batch.ts_ms.tolist()
-    targets = batch.targets
+    ts_column = [None if ts == NO_TIME else ts for ts in batch.ts_ms.tolist()]
     entities = batch.entities
-    encoded = []
-    for position in np.flatnonzero(result.applied).tolist():
-        ts = ts_column[position]
-        document = {
-            "entity": entities[position],
-            "ts": None if ts == NO_TIME else ts,
-            "step": steps[position],
-            "prediction": predictions[position],
-            "model": fingerprint,
-            "source": source(position),
-        }
-        if targets is not None and targets[position] is not None:
-            document["target"] = targets[position]
-        encoded.append((position, entities[position].encode(), orjson.dumps(document)))
-    return encoded
+    positions = np.flatnonzero(result.applied).tolist()
+    with paused_gc():
+        documents = [
+            {"entity": entities[position], "ts": ts_column[position], "step": steps[position],
+             "prediction": predictions[position], "model": fingerprint, "source": source(position)}
+            for position in positions
+        ]
+        if batch.targets is not None:
+            targets = batch.targets
+            for position, document in zip(positions, documents):
+                if targets[position] is not None:
+                    document["target"] = targets[position]
+        return [(position, entities[position].encode(), orjson.dumps(document))
+                for position, document in zip(positions, documents)]
 
 
 def kafka_source(topic: str, batch: EventBatch) -> SourceFn:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from operator import itemgetter
 
 import numpy as np
 import torch
@@ -106,7 +107,14 @@ class StateArena:
         """
         self._clock += 1
         index = self._index
-        slots = np.fromiter((index.get(entity, -1) for entity in entities), np.int64, len(entities))
+        if not entities:
+            return np.zeros(0, np.int64)
+        try:
+            # One C-level lookup for the whole batch when every entity is known, the common case.
+            slots = np.array(itemgetter(*entities)(index) if len(entities) != 1 else [index[entities[0]]],
+                             np.int64).reshape(len(entities))
+        except KeyError:
+            slots = np.fromiter((index.get(entity, -1) for entity in entities), np.int64, len(entities))
         missing = np.flatnonzero(slots < 0)
         if missing.size:
             self.last_used[slots[slots >= 0]] = self._clock

@@ -104,3 +104,27 @@ def test_valid_events_after_bad_ones_kept_in_order(decoder):
     assert batch.record_index.tolist() == [0, 3]
     assert [(d.index, d.reason) for d in dead] == [(1, errors.INVALID_JSON), (2, errors.NON_FINITE_FEATURE)]
     assert dead[0].value == b"{oops"
+
+
+def test_batch_path_equals_record_path(decoder):
+    values = [event(entity=f"e{i % 3}", ts=1000 + i, reset=i == 4, target=float(i), features=[i, 0.5, -i])
+              for i in range(8)]
+    values += [event(entity="k", features=[1, 2, 3])]  # no ts: the record timestamp is used
+    fast, fast_dead = decoder.decode([None] * 9, values, [7] * 9, range(9))
+    slow, slow_dead = decoder.decode([None] * 10, values + [b"{broken"], [7] * 10, range(10))
+    assert fast_dead == []
+    assert [d.reason for d in slow_dead] == [errors.INVALID_JSON]
+    assert fast.entities == slow.entities
+    assert np.array_equal(fast.features, slow.features)
+    assert fast.ts_ms.tolist() == slow.ts_ms.tolist()
+    assert fast.ts_ms.tolist()[-1] == 7
+    assert fast.resets.tolist() == slow.resets.tolist()
+    assert fast.targets == slow.targets
+    assert fast.offsets.tolist() == slow.offsets.tolist()
+
+
+def test_batch_path_rejects_what_record_path_rejects(decoder):
+    for value, reason in BAD_RECORDS:
+        batch, dead = decoder.decode([None, None], [event(), value], None, [0, 1])
+        assert batch.entities == ["s-1"], reason
+        assert [letter.reason for letter in dead] == [reason]

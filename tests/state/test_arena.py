@@ -108,3 +108,10 @@ def test_state_memory_close_to_raw_bytes():
     arena.assign([f"e{i}" for i in range(100_000)])
     raw = 100_000 * 2 * 2 * 64 * 4
     assert arena.nbytes() < 1.3 * raw
+
+
+def test_assign_empty_and_single():
+    arena = make_arena()
+    assert arena.assign([]).tolist() == []
+    assert arena.assign(["solo"]).tolist() == [0]
+    assert arena.assign(["solo"]).tolist() == [0]

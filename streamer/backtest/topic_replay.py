@@ -1,0 +1,705 @@
+"""Topic backtests: replay offset ranges of Kafka topics through the engine without touching the live service.
+
+The replay reads with manual partition assignment and no group id, so it commits no offsets, joins no
+consumer group and writes nothing except its own outputs (a file, or an output topic that is not an input).
+
+Processing order, the rule that makes a replay deterministic whatever the broker's fetch sizes:
+
+- Partitions are ordered by topic (in the order given) and then by partition number.
+- Each round takes the next ``batch_size`` records (fewer at the end of a range) of every unfinished
+  partition, in that partition order and in offset order within a partition.
+- One round is one engine batch, and outputs are written in the batch's order.
+
+So the output file is ordered by round, then partition, then offset. With ``next-value`` targets an output
+is held back until its target is known; see :class:`NextValueTargets`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import re
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from streamer.backtest.file_replay import BacktestResult, event_format_for
+from streamer.engine import Engine, EventBatch, StepResult
+from streamer.errors import BrokerError, ConfigError
+from streamer.io.events import DeadLetter, EventDecoder
+from streamer.io.files import OutputWriter
+from streamer.io.outputs import encode_dead_letter_line, encode_outputs
+from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
+from streamer.kafka.producer import KeyPartitioner, send_records
+from streamer.model.network import RecurrentModel
+
+logger = logging.getLogger(__name__)
+
+INITIAL_STATES = ("empty",)
+DEFAULT_STALL_TIMEOUT_S = 60.0
+
+# Kafka topic names contain only ASCII letters, digits, '.', '_' and '-', so ':' separates the fields of
+# an explicit offset: "partition:offset" or "topic:partition:offset".
+_OFFSET_ITEM = re.compile(r"^(?:(?P<topic>[A-Za-z0-9._-]+):)?(?P<partition>\d+):(?P<offset>\d+|earliest|latest)$")
+
+
+# -- ranges ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RangeBound:
+    """One ``--from`` or ``--to`` value.
+
+    ``kind`` is ``earliest``, ``latest``, ``time`` (``timestamp_ms`` for every partition) or ``offsets``
+    (``offsets`` maps ``(topic or None, partition)`` to an offset, ``"earliest"`` or ``"latest"``; a
+    ``None`` topic means the only input topic).
+    """
+
+    kind: Literal["earliest", "latest", "time", "offsets"]
+    timestamp_ms: int | None = None
+    offsets: dict[tuple[str | None, int], int | str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        if self.kind == "time":
+            iso = datetime.fromtimestamp(self.timestamp_ms / 1000, timezone.utc).isoformat()
+            return f"time {iso} ({self.timestamp_ms} ms)"
+        if self.kind == "offsets":
+            return ",".join(f"{topic + ':' if topic else ''}{partition}:{offset}"
+                            for (topic, partition), offset in self.offsets.items())
+        return self.kind
+
+
+def parse_range_bound(text: str, flag: str = "--from") -> RangeBound:
+    """Parse ``earliest``, ``latest``, epoch milliseconds, ISO-8601 or ``[topic:]partition:offset,...``.
+
+    An ISO-8601 value without a time zone is read as UTC.
+    """
+    value = text.strip()
+    if value in ("earliest", "latest"):
+        return RangeBound(value)
+    if value.isdigit():
+        return RangeBound("time", timestamp_ms=int(value))
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        parsed = None
+    if parsed is not None:
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        timestamp_ms = int(parsed.timestamp() * 1000)
+        if timestamp_ms < 0:
+            raise ConfigError(f"Invalid {flag} {text!r}: timestamps before 1970 cannot be looked up in Kafka")
+        return RangeBound("time", timestamp_ms=timestamp_ms)
+    offsets: dict[tuple[str | None, int], int | str] = {}
+    for item in value.split(","):
+        match = _OFFSET_ITEM.match(item.strip())
+        if match is None:
+            raise ConfigError(
+                f"Invalid {flag} {text!r}: expected earliest, latest, epoch milliseconds, an ISO-8601 time such as "
+                "2024-12-04T10:00:00Z, or offsets per partition such as 0:100,1:250 (topic:0:100 with several topics)")
+        key = (match["topic"], int(match["partition"]))
+        if key in offsets:
+            raise ConfigError(f"Invalid {flag} {text!r}: partition {item.strip().rsplit(':', 1)[0]} is named twice")
+        offset = match["offset"]
+        offsets[key] = offset if offset in ("earliest", "latest") else int(offset)
+    return RangeBound("offsets", offsets=offsets)
+
+
+@dataclass(frozen=True)
+class PartitionRange:
+    """Records ``[start, end)`` of one partition. ``end`` is exclusive."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+    @property
+    def size(self) -> int:
+        """Offsets in the range; an upper bound on the records, since transaction markers use offsets too."""
+        return self.end - self.start
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"topic": self.topic, "partition": self.partition, "from": self.start, "to": self.end}
+
+
+def _named_partitions(bound: RangeBound, topics: Sequence[str]) -> dict[TopicPartition, int | str]:
+    """Map each partition named by an ``offsets`` bound to its offset, checking topic names."""
+    named: dict[TopicPartition, int | str] = {}
+    for (topic, partition), offset in bound.offsets.items():
+        if topic is None:
+            if len(topics) > 1:
+                raise ConfigError(f"Ambiguous offset {partition}:{offset} with several topics: "
+                                  f"write it as topic:{partition}:{offset}")
+            topic = topics[0]
+        elif topic not in topics:
+            raise ConfigError(f"Invalid offset {topic}:{partition}:{offset}: topic {topic!r} is not one of the "
+                              f"replayed topics {', '.join(topics)}")
+        named[TopicPartition(topic, partition)] = offset
+    return named
+
+
+async def describe_partitions(bootstrap_servers: str, topics: Sequence[str], request_timeout_ms: int
+                              ) -> dict[str, list[dict[str, Any]]]:
+    """Return each topic's partition descriptions (``partition``, ``replicas``, ...) from the admin client.
+
+    Raises ConfigError for an unknown topic. Existence is checked with a list of all topics first, because a
+    metadata request that names a topic creates it on a broker with ``auto.create.topics.enable``.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms)
+    await _start(admin, "admin client", bootstrap_servers)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [topic for topic in topics if topic not in existing]
+        if missing:
+            raise ConfigError(f"Topic {', '.join(missing)} not found on {bootstrap_servers}: expected existing "
+                              "topics; check the topic names")
+        described = await admin.describe_topics(list(topics))
+    finally:
+        await admin.close()
+    return {item["topic"]: sorted(item["partitions"], key=lambda p: p["partition"]) for item in described}
+
+
+async def resolve_ranges(consumer: AIOKafkaConsumer, topics: Sequence[str], start: RangeBound, end: RangeBound,
+                         partition_counts: dict[str, int]) -> list[PartitionRange]:
+    """Resolve ``--from`` and ``--to`` to offsets of every replayed partition, in replay order.
+
+    Times resolve with ``offsets_for_times`` to the first offset whose timestamp is at or after the time; a
+    time after every record resolves to the end offset at the start of the replay. An ``offsets`` bound
+    selects the partitions it names (with both bounds explicit, the union); an unnamed bound of such a
+    partition is ``earliest`` for ``--from`` and ``latest`` for ``--to``.
+    """
+    partitions = [TopicPartition(topic, number) for topic in topics for number in range(partition_counts[topic])]
+    named_start = _named_partitions(start, topics) if start.kind == "offsets" else {}
+    named_end = _named_partitions(end, topics) if end.kind == "offsets" else {}
+    if named_start or named_end:
+        selected = set(named_start) | set(named_end)
+        unknown = sorted(selected - set(partitions))
+        if unknown:
+            raise ConfigError(f"Partition {', '.join(f'{tp.topic}[{tp.partition}]' for tp in unknown)} not found: "
+                              f"{', '.join(topics)} have partitions "
+                              f"{', '.join(f'{tp.topic}[{tp.partition}]' for tp in partitions)}")
+        partitions = [tp for tp in partitions if tp in selected]
+    beginning = await consumer.beginning_offsets(partitions)
+    ends = await consumer.end_offsets(partitions)
+
+    async def resolve(bound: RangeBound, named: dict[TopicPartition, int | str], default: str
+                      ) -> dict[TopicPartition, int]:
+        if bound.kind == "time":
+            found = await consumer.offsets_for_times({tp: bound.timestamp_ms for tp in partitions})
+            return {tp: ends[tp] if found.get(tp) is None else found[tp].offset for tp in partitions}
+        resolved = {}
+        for tp in partitions:
+            position = named.get(tp, default) if bound.kind == "offsets" else bound.kind
+            resolved[tp] = beginning[tp] if position == "earliest" else ends[tp] if position == "latest" else position
+        return resolved
+
+    starts = await resolve(start, named_start, "earliest")
+    stops = await resolve(end, named_end, "latest")
+    ranges = []
+    for tp in partitions:
+        name = f"{tp.topic}[{tp.partition}]"
+        first, stop = starts[tp], stops[tp]
+        if first < beginning[tp]:
+            raise ConfigError(f"Invalid --from offset {first} for {name}: the earliest offset still on the broker "
+                              f"is {beginning[tp]}; use earliest or an offset from {beginning[tp]}")
+        if stop > ends[tp]:
+            raise ConfigError(f"Invalid --to offset {stop} for {name}: the end offset is {ends[tp]}; use latest "
+                              f"or an offset up to {ends[tp]}")
+        if first > stop:
+            raise ConfigError(f"Invalid range for {name}: --from {start.describe()} resolves to offset {first}, "
+                              f"after --to {end.describe()} at offset {stop}; expected --from before --to")
+        ranges.append(PartitionRange(tp.topic, tp.partition, first, stop))
+    return ranges
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    """Records of one round as parallel columns, in replay order (see the module docstring)."""
+
+    topics: list[str]
+    partitions: list[int]
+    offsets: list[int]
+    timestamps_ms: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+async def iter_rounds(consumer: AIOKafkaConsumer, ranges: Sequence[PartitionRange], batch_size: int,
+                      stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> AsyncIterator[Round]:
+    """Assign and seek the ranges, then yield rounds of up to ``batch_size`` records per partition.
+
+    A partition is finished when its fetch position reaches the range end, so offsets taken by transaction
+    markers or removed by compaction do not stall the replay. Raises BrokerError when an unfinished
+    partition returns nothing for ``stall_timeout_s``.
+    """
+    active = [r for r in ranges if r.size > 0]
+    consumer.assign([r.tp for r in active])
+    for r in active:
+        consumer.seek(r.tp, r.start)
+    buffers: dict[TopicPartition, list] = {r.tp: [] for r in active}
+    fetched_to = {r.tp: r.start for r in active}  # next offset to fetch for each partition
+    while active:
+        await _fill_buffers(consumer, active, buffers, fetched_to, batch_size, stall_timeout_s)
+        columns = Round([], [], [], [], [], [])
+        still_active = []
+        for r in active:
+            buffer = buffers[r.tp]
+            taken, buffers[r.tp] = buffer[:batch_size], buffer[batch_size:]
+            count = len(taken)
+            columns.topics.extend([r.topic] * count)
+            columns.partitions.extend([r.partition] * count)
+            for record in taken:
+                columns.offsets.append(record.offset)
+                columns.timestamps_ms.append(record.timestamp)
+                columns.keys.append(record.key)
+                columns.values.append(record.value)
+            if buffers[r.tp] or fetched_to[r.tp] < r.end:
+                still_active.append(r)
+        active = still_active
+        if len(columns):
+            yield columns
+
+
+async def _fill_buffers(consumer: AIOKafkaConsumer, active: Sequence[PartitionRange], buffers: dict,
+                        fetched_to: dict[TopicPartition, int], batch_size: int, stall_timeout_s: float) -> None:
+    """Fetch until every active partition has ``batch_size`` records buffered or has reached its range end."""
+    ends = {r.tp: r.end for r in active}
+    deadline = time.monotonic() + stall_timeout_s
+    while True:
+        needing = [r.tp for r in active if len(buffers[r.tp]) < batch_size and fetched_to[r.tp] < r.end]
+        if not needing:
+            return
+        fetched = await consumer.getmany(*needing, timeout_ms=200)
+        for tp, records in fetched.items():
+            end = ends[tp]
+            kept = [record for record in records if record.offset < end] if records[-1].offset >= end else records
+            buffers[tp].extend(kept)
+        progressed = bool(fetched)
+        for tp in needing:
+            position = await consumer.position(tp)
+            if position > fetched_to[tp]:
+                fetched_to[tp] = position
+                progressed = True
+            if fetched_to[tp] >= ends[tp]:
+                consumer.pause(tp)
+        if progressed:
+            deadline = time.monotonic() + stall_timeout_s
+        elif time.monotonic() > deadline:
+            stalled = ", ".join(f"{tp.topic}[{tp.partition}] at offset {fetched_to[tp]} (range end {ends[tp]})"
+                                for tp in needing)
+            raise BrokerError(f"No records for {stall_timeout_s:.0f} s from {stalled}: check that the broker is "
+                              "reachable and the records were not deleted by retention during the replay")
+
+
+# -- targets and outputs ---------------------------------------------------------------------------------
+
+
+def parse_target(text: str, model: RecurrentModel) -> int | None:
+    """Parse ``--target``: ``event`` (None, the event's own ``target`` field) or ``next-value:K``.
+
+    ``K`` is a feature index or, for a bundle with feature names, a feature name. Returns the feature index.
+    """
+    if text == "event":
+        return None
+    kind, _, feature = text.partition(":")
+    manifest = model.manifest
+    if kind != "next-value" or not feature:
+        raise ConfigError(f"Invalid --target {text!r}: expected event or next-value:K with K a feature index "
+                          "or name")
+    if manifest.output_size != 1:
+        raise ConfigError(f"Invalid --target {text!r}: next-value targets are scalars, but the model has "
+                          f"{manifest.output_size} outputs; use --target event")
+    if feature.isdigit():
+        index = int(feature)
+    elif manifest.feature_names and feature in manifest.feature_names:
+        index = manifest.feature_names.index(feature)
+    else:
+        names = f"one of {', '.join(manifest.feature_names)} or " if manifest.feature_names else ""
+        raise ConfigError(f"Invalid --target feature {feature!r}: expected {names}an index below "
+                          f"{manifest.input_size}")
+    if index >= manifest.input_size:
+        raise ConfigError(f"Invalid --target feature index {index}: the model has {manifest.input_size} features")
+    return index
+
+
+OutputRecord = tuple[int, bytes, bytes]  # (output partition, key, value)
+
+
+class NextValueTargets:
+    """Set each output's ``target`` to feature ``K`` of the same entity's next event in the replay.
+
+    An output is held until the entity's next applied event is processed. When that event has
+    ``reset: true`` it starts a new sequence, so the held output is released without a target, as is the
+    output of each entity's last event in the range (at :meth:`finish`). Outputs without a target count as
+    unscored in the report. Held outputs are released in the order of the event that released them, and
+    :meth:`finish` releases the rest in the order of each entity's last event, so the order is deterministic.
+    """
+
+    def __init__(self, feature_index: int) -> None:
+        self.feature_index = feature_index
+        self._held: dict[str, OutputRecord] = {}
+
+    def release(self, batch: EventBatch, encoded: Sequence[tuple[int, OutputRecord]]) -> list[OutputRecord]:
+        """Hold the outputs of ``batch`` and return those whose target became known."""
+        values = batch.features[:, self.feature_index]
+        released = []
+        for position, record in encoded:
+            entity = batch.entities[position]
+            held = self._held.pop(entity, None)
+            if held is not None:
+                if batch.resets[position]:
+                    released.append(held)
+                else:
+                    # str() of a float32 is its shortest round-trip text, so 2.3 stays 2.3 in the output.
+                    target = float(str(values[position]))
+                    partition, key, value = held
+                    released.append((partition, key, value[:-1] + b',"target":' + orjson.dumps(target) + b"}"))
+            self._held[entity] = record
+        return released
+
+    def finish(self) -> list[OutputRecord]:
+        """Release the outputs still held, without a target."""
+        held, self._held = list(self._held.values()), {}
+        return held
+
+
+class _FileSink:
+    """Outputs to a JSON Lines or Parquet file through ``OutputWriter``; dead letters to a JSON Lines file."""
+
+    def __init__(self, path: Path, dead_letter_path: Path) -> None:
+        self._writer = OutputWriter(path)
+        self._dead = dead_letter_path.open("wb")
+
+    async def write(self, records: Sequence[OutputRecord]) -> None:
+        self._writer.write([value for _, _, value in records])
+
+    def write_dead_letters(self, lines: list[bytes]) -> None:
+        if lines:
+            self._dead.write(b"\n".join(lines) + b"\n")
+
+    async def close(self) -> None:
+        self._writer.close()
+        self._dead.close()
+
+
+class _TopicSink(_FileSink):
+    """Outputs to a Kafka topic, acknowledged per round; dead letters still go to a file."""
+
+    def __init__(self, producer: AIOKafkaProducer, topic: str, dead_letter_path: Path, keep: bool) -> None:
+        self._producer = producer
+        self._topic = topic
+        self._dead = dead_letter_path.open("wb")
+        self.kept: list[bytes] | None = [] if keep else None
+
+    async def write(self, records: Sequence[OutputRecord]) -> None:
+        if not records:
+            return
+        try:
+            futures = await send_records(self._producer, self._topic, records)
+            await asyncio.gather(*futures)
+        except KafkaError as error:
+            raise BrokerError(f"Producing {len(records)} outputs to {self._topic} failed: {error!r}") from error
+        if self.kept is not None:
+            self.kept.extend(value for _, _, value in records)
+
+    async def close(self) -> None:
+        self._dead.close()
+
+
+# -- the replay ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TopicBacktestResult(BacktestResult):
+    """Counts, paths and resolved ranges of one topic replay."""
+
+    ranges: list[PartitionRange] = field(default_factory=list)
+    output_topic: str | None = None
+    semantics: str = "stateful"
+    output_values: list[bytes] | None = None  # the outputs when they went to a topic and were kept
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**super().as_dict(), "output_topic": self.output_topic, "semantics": self.semantics,
+                "ranges": [r.as_dict() for r in self.ranges]}
+
+
+@dataclass(frozen=True)
+class TopicReplaySpec:
+    """What to replay: the topics, the range and how to reach the broker."""
+
+    bootstrap_servers: str
+    topics: tuple[str, ...]
+    start: RangeBound = RangeBound("earliest")
+    end: RangeBound = RangeBound("latest")
+    request_timeout_ms: int = 30_000
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+
+
+def run_topic_backtest(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None = None,
+                       output_topic: str | None = None, dead_letter_path: Path | None = None,
+                       allow_existing_output: bool = False, keep_topic_outputs: bool = False,
+                       semantics: str = "stateful", batch_size: int = 4096, max_entities: int | None = None,
+                       idle_expiry_ms: int | None = None, max_record_bytes: int = 1_048_576,
+                       initial_state: str = "empty", target_feature: int | None = None,
+                       progress: bool | None = None) -> TopicBacktestResult:
+    """Replay ``spec``'s range and write one output per valid event to a file or an output topic.
+
+    Exactly one of ``output_path`` and ``output_topic`` is given. Dead letters go to ``dead_letter_path``
+    (default: beside the output file). An output topic must not be an input topic, and must be empty unless
+    ``allow_existing_output`` is set; a missing one is created like the first input topic. With
+    ``keep_topic_outputs`` the values produced to a topic are also returned in ``output_values``.
+    ``target_feature`` selects next-value targets (:class:`NextValueTargets`).
+    """
+    return asyncio.run(_replay(model, spec, output_path=output_path, output_topic=output_topic,
+                               dead_letter_path=dead_letter_path, allow_existing_output=allow_existing_output,
+                               keep_topic_outputs=keep_topic_outputs, semantics=semantics, batch_size=batch_size,
+                               max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
+                               max_record_bytes=max_record_bytes, initial_state=initial_state,
+                               target_feature=target_feature, progress=progress))
+
+
+def _check_arguments(spec: TopicReplaySpec, output_path: Path | None, output_topic: str | None,
+                     dead_letter_path: Path | None, batch_size: int, initial_state: str) -> None:
+    if not spec.topics:
+        raise ConfigError("No input topic: pass --topic at least once")
+    if len(set(spec.topics)) != len(spec.topics):
+        raise ConfigError(f"Topics named more than once: {', '.join(spec.topics)}; pass each --topic once")
+    if (output_path is None) == (output_topic is None):
+        raise ConfigError("Expected exactly one of --output (a file) and --output-topic")
+    if output_topic is not None and output_topic in spec.topics:
+        raise ConfigError(f"Invalid --output-topic {output_topic!r}: it is also an input topic; replay outputs "
+                          "must go to a topic of their own")
+    if output_topic is not None and dead_letter_path is None:
+        raise ConfigError("Missing dead-letter file: a replay to --output-topic writes dead letters to a file")
+    if batch_size < 1:
+        raise ConfigError(f"Invalid batch size {batch_size}: expected a positive number of records per partition")
+    if initial_state not in INITIAL_STATES:
+        raise ConfigError(f"Invalid --initial-state {initial_state!r}: expected one of {', '.join(INITIAL_STATES)}")
+
+
+async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None,
+                  output_topic: str | None, dead_letter_path: Path | None, allow_existing_output: bool,
+                  keep_topic_outputs: bool, semantics: str, batch_size: int, max_entities: int | None,
+                  idle_expiry_ms: int | None, max_record_bytes: int, initial_state: str,
+                  target_feature: int | None, progress: bool | None) -> TopicBacktestResult:
+    _check_arguments(spec, output_path, output_topic, dead_letter_path, batch_size, initial_state)
+    described = await describe_partitions(spec.bootstrap_servers, spec.topics, spec.request_timeout_ms)
+    input_partitions = {topic: len(described[topic]) for topic in spec.topics}
+    if output_path is not None:
+        output_path = Path(output_path)
+        dead_letter_path = Path(dead_letter_path) if dead_letter_path else \
+            output_path.with_name(f"{output_path.stem}.dead-letter.jsonl")
+    engine = Engine(model, semantics, capacity=max_entities, idle_expiry_ms=idle_expiry_ms)
+    # NOTE: every replay starts from empty state. A loader of the state as of the range start (from the
+    # state changelog or a snapshot) would fill engine.arena here, selected by --initial-state.
+    result = TopicBacktestResult(output_path=output_path, dead_letter_path=dead_letter_path,
+                                 output_topic=output_topic, semantics=semantics)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=spec.bootstrap_servers, group_id=None, enable_auto_commit=False,
+        auto_offset_reset="none", isolation_level="read_committed", request_timeout_ms=spec.request_timeout_ms,
+        max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, fetch_max_wait_ms=100,
+    )
+    producer: AIOKafkaProducer | None = None
+    await _start(consumer, "consumer", spec.bootstrap_servers)
+    try:
+        result.ranges = await resolve_ranges(consumer, spec.topics, spec.start, spec.end, input_partitions)
+        if output_topic is None:
+            dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+            sink: _FileSink = _FileSink(output_path, dead_letter_path)
+            output_partitions = None
+        else:
+            output_partitions = await _prepare_output_topic(spec, output_topic, allow_existing_output,
+                                                            described[spec.topics[0]])
+            producer = AIOKafkaProducer(bootstrap_servers=spec.bootstrap_servers, enable_idempotence=True,
+                                        acks="all", linger_ms=5, max_batch_size=1 << 20,
+                                        max_request_size=TOPIC_MAX_MESSAGE_BYTES,
+                                        request_timeout_ms=spec.request_timeout_ms)
+            await _start(producer, "producer", spec.bootstrap_servers)
+            dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+            sink = _TopicSink(producer, output_topic, dead_letter_path, keep_topic_outputs)
+        router = _OutputRouter(input_partitions, output_partitions)
+        logger.info("Replaying %s from %s to %s: %d records in %d partitions", ", ".join(spec.topics),
+                    spec.start.describe(), spec.end.describe(), sum(r.size for r in result.ranges),
+                    len(result.ranges))
+        try:
+            await _process_rounds(consumer, engine, model, sink, router, result, spec, batch_size,
+                                  max_record_bytes, target_feature, progress)
+        finally:
+            await sink.close()
+        if isinstance(sink, _TopicSink):
+            result.output_values = sink.kept
+    finally:
+        await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+    result.entities = len(engine.arena)
+    logger.info("Replay of %s: %d events, %d outputs, %d dead letters in %.2f s", ", ".join(spec.topics),
+                result.events, result.outputs, result.dead_letters, result.elapsed_s)
+    return result
+
+
+async def _process_rounds(consumer: AIOKafkaConsumer, engine: Engine, model: RecurrentModel, sink: _FileSink,
+                          router: _OutputRouter, result: TopicBacktestResult, spec: TopicReplaySpec,
+                          batch_size: int, max_record_bytes: int, target_feature: int | None,
+                          progress: bool | None) -> None:
+    decoder = EventDecoder(event_format_for(model, max_record_bytes))
+    targets = NextValueTargets(target_feature) if target_feature is not None else None
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    total = sum(r.size for r in result.ranges)
+    started = time.perf_counter()
+    with _Progress(f"replay {', '.join(spec.topics)}", total, show_progress) as advance:
+        async for records in iter_rounds(consumer, result.ranges, batch_size, spec.stall_timeout_s):
+            batch, dead = decoder.decode(records.keys, records.values, records.timestamps_ms, records.offsets,
+                                         records.partitions)
+            step = engine.process(batch)
+            encoded = _encode(batch, step, model.fingerprint, records, router, strip_targets=targets is not None)
+            outputs = targets.release(batch, encoded) if targets else [record for _, record in encoded]
+            await sink.write(outputs)
+            sink.write_dead_letters(_dead_letter_lines(dead, records, result))
+            result.events += len(records)
+            result.outputs += len(encoded)
+            result.dead_letters += len(dead)
+            result.duplicates += step.duplicates
+            advance(len(records))
+        if targets is not None:
+            await sink.write(targets.finish())
+    result.elapsed_s = time.perf_counter() - started
+
+
+def _encode(batch: EventBatch, step: StepResult, fingerprint: str, records: Round, router: _OutputRouter,
+            strip_targets: bool) -> list[tuple[int, OutputRecord]]:
+    """Encode outputs like the live service, with source ``{topic, partition, offset}``, in batch order."""
+    record_index = batch.record_index.tolist()
+    topics, offsets, partitions = records.topics, records.offsets, records.partitions
+
+    def source(position: int) -> dict[str, Any]:
+        index = record_index[position]
+        return {"topic": topics[index], "partition": partitions[index], "offset": offsets[index]}
+
+    to_encode = dataclasses.replace(batch, targets=None) if strip_targets else batch
+    encoded = []
+    for position, key, value in encode_outputs(to_encode, step, fingerprint, source):
+        index = record_index[position]
+        encoded.append((position, (router(topics[index], partitions[index], records.keys[index], key), key, value)))
+    return encoded
+
+
+def _dead_letter_lines(dead: list[DeadLetter], records: Round, result: TopicBacktestResult) -> list[bytes]:
+    lines = []
+    for letter in dead:
+        source = {"topic": records.topics[letter.index], "partition": records.partitions[letter.index],
+                  "offset": records.offsets[letter.index]}
+        lines.append(encode_dead_letter_line(letter, source))
+        result.dead_letter_reasons[letter.reason] = result.dead_letter_reasons.get(letter.reason, 0) + 1
+    return lines
+
+
+class _OutputRouter:
+    """Choose an output's partition with the live service's rule, so replayed outputs land where it puts them.
+
+    A keyed input record on a topic with as many partitions as the output topic keeps its partition number;
+    any other output goes to the partition of its key (Kafka's default partitioner).
+    """
+
+    def __init__(self, input_partitions: dict[str, int], output_partitions: int | None) -> None:
+        self._partitioner = KeyPartitioner(output_partitions) if output_partitions else None
+        self._reuse = {topic for topic, count in input_partitions.items() if count == output_partitions}
+
+    def __call__(self, topic: str, partition: int, input_key: bytes | None, key: bytes) -> int:
+        if self._partitioner is None:
+            return partition
+        if input_key is not None and topic in self._reuse:
+            return partition
+        return self._partitioner(key)
+
+
+async def _start(client: AIOKafkaConsumer | AIOKafkaProducer, role: str, bootstrap_servers: str) -> None:
+    try:
+        await client.start()
+    except KafkaError as error:
+        raise BrokerError(f"Cannot start the replay {role} at {bootstrap_servers}: {error!r}; check "
+                          "--bootstrap-servers and that the broker is running") from error
+
+
+async def _prepare_output_topic(spec: TopicReplaySpec, output_topic: str, allow_existing_output: bool,
+                                input_layout: list[dict[str, Any]]) -> int:
+    """Create the output topic when missing, reject one that has records, and return its partition count.
+
+    A missing output topic gets the partition count and replication factor of the first input topic.
+    """
+    try:
+        described = await describe_partitions(spec.bootstrap_servers, [output_topic], spec.request_timeout_ms)
+    except ConfigError:
+        replication = len(input_layout[0]["replicas"]) if input_layout else 1
+        await ensure_topics(spec.bootstrap_servers, [TopicSpec(output_topic, len(input_layout), replication)],
+                            spec.request_timeout_ms)
+        logger.info("Created output topic %s with %d partitions", output_topic, len(input_layout))
+        return len(input_layout)
+    partitions = [TopicPartition(output_topic, item["partition"]) for item in described[output_topic]]
+    probe = AIOKafkaConsumer(bootstrap_servers=spec.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                             request_timeout_ms=spec.request_timeout_ms)
+    await _start(probe, "consumer", spec.bootstrap_servers)
+    try:
+        beginning = await probe.beginning_offsets(partitions)
+        ends = await probe.end_offsets(partitions)
+    finally:
+        await probe.stop()
+    records = sum(ends[tp] - beginning[tp] for tp in partitions)
+    if records and not allow_existing_output:
+        raise ConfigError(f"Output topic {output_topic!r} already contains {records} records: choose a new topic "
+                          "or pass --allow-existing-output to append to it")
+    return len(partitions)
+
+
+class _Progress:
+    """Progress bar with rate and ETA, shown only when enabled. The context value advances it."""
+
+    def __init__(self, description: str, total: int, enabled: bool) -> None:
+        self._description = description
+        self._total = total
+        self._enabled = enabled
+        self._bar = None
+
+    def __enter__(self):
+        if not self._enabled:
+            return lambda count: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
+            TimeRemainingColumn
+        from rich.text import Text
+
+        class RateColumn(ProgressColumn):
+            def render(self, task) -> Text:
+                return Text(f"{task.speed or 0:,.0f} events/s")
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                             TimeRemainingColumn(), transient=True)
+        # The total counts offsets, so transaction markers can leave the bar a little short of full.
+        task = self._bar.add_task(self._description, total=self._total)
+        self._bar.start()
+        return lambda count: self._bar.advance(task, count)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._bar is not None:
+            self._bar.stop()
