@@ -344,6 +344,19 @@ class StreamerMetrics:
             buckets=RESTORE_DURATION_BUCKETS,
             registry=registry,
         )
+        self.restore_anomalies = Counter(
+            "streamer_restore_anomalies_total",
+            "Defined faults met while restoring or assigning partitions, by kind: invalid_record, "
+            "model_mismatch, incomplete_read, offsets_not_retained, rebalance_during_restore.",
+            ["kind"],
+            registry=registry,
+        )
+        self.resets = Counter(
+            "streamer_resets_total",
+            "Times the service dropped its in-memory state and rejoined the group after a failed or fenced "
+            "transaction.",
+            registry=registry,
+        )
 
     def set_build_info(self, version: str, model_fingerprint: str, semantics: str, mode: str) -> None:
         """Replace the ``streamer_build_info`` series with one for these label values."""

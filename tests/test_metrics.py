@@ -42,6 +42,8 @@ EXPECTED_METRICS = {
     "streamer_restore_partitions_in_progress": ("gauge", set()),
     "streamer_restored_records": ("counter", set()),
     "streamer_restore_duration_seconds": ("histogram", set()),
+    "streamer_restore_anomalies": ("counter", {"kind"}),
+    "streamer_resets": ("counter", set()),
     "streamer_broker_retries": ("counter", {"operation"}),
     "streamer_last_poll_timestamp_seconds": ("gauge", set()),
     "streamer_build_info": ("gauge", {"version", "model_fingerprint", "semantics", "mode"}),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
+
+from streamer.errors import BrokerError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +43,19 @@ async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_
             except TopicAlreadyExistsError:
                 pass  # another group member created them first
             logger.info("Created topics %s", ", ".join(spec.name for spec in missing))
-        described = await admin.describe_topics([spec.name for spec in specs])
-        return {item["topic"]: len(item["partitions"]) for item in described}
+        return await _partition_counts(admin, [spec.name for spec in specs])
     finally:
         await admin.close()
+
+
+async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str], attempts: int = 50) -> dict[str, int]:
+    """Describe topics until every one reports its partitions; new topics need a moment to appear."""
+    counts: dict[str, int] = {}
+    for _ in range(attempts):
+        described = await admin.describe_topics(names)
+        counts = {item["topic"]: len(item["partitions"]) for item in described if item["partitions"]}
+        if len(counts) == len(names):
+            return counts
+        await asyncio.sleep(0.1)
+    missing = sorted(set(names) - set(counts))
+    raise BrokerError(f"Topics {missing} report no partitions after creation; check the broker log")

@@ -1,4 +1,4 @@
-"""The Kafka consumer-group service: fetch -> decode -> step -> produce -> commit, at least once."""
+"""The Kafka consumer-group service: fetch -> decode -> step -> produce -> checkpoint."""
 
 from __future__ import annotations
 
@@ -6,64 +6,37 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
+import uuid
 
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, ProducerFenced
 
 from streamer import __version__
 from streamer.backtest.file_replay import event_format_for
 from streamer.config import Settings
 from streamer.engine import Engine, EventBatch, StepResult
-from streamer.errors import BrokerError, ConfigError
+from streamer.errors import BrokerError, ConfigError, StateError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.outputs import dead_letter_headers, encode_outputs
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
+from streamer.kafka.checkpoint import Checkpointer
+from streamer.kafka.fetched import FetchedBatch
 from streamer.kafka.producer import KeyPartitioner, send_records
+from streamer.kafka.restore import restore_partition
 from streamer.kafka.retry import retry
 from streamer.metrics import MetricsServer, StreamerMetrics
 from streamer.model import RecurrentModel, load_model
+from streamer.state.changelog import StateCodec, changelog_topic
 
 logger = logging.getLogger(__name__)
 
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
 
 
-@dataclass
-class FetchedBatch:
-    """Records of one ``getmany`` call, flattened in partition order, as parallel columns."""
-
-    topics: list[str]
-    partitions: np.ndarray
-    offsets: np.ndarray
-    timestamps_ms: list[int]
-    keys: list[bytes | None]
-    values: list[bytes | None]
-    next_offsets: dict[TopicPartition, int]
-
-    @classmethod
-    def from_records(cls, records: dict[TopicPartition, list]) -> FetchedBatch:
-        topics, partitions, offsets, timestamps, keys, values = [], [], [], [], [], []
-        next_offsets = {}
-        for tp, messages in records.items():
-            if not messages:
-                continue
-            count = len(messages)
-            topics.extend([tp.topic] * count)
-            partitions.extend([tp.partition] * count)
-            for message in messages:
-                offsets.append(message.offset)
-                timestamps.append(message.timestamp)
-                keys.append(message.key)
-                values.append(message.value)
-            next_offsets[tp] = messages[-1].offset + 1
-        return cls(topics, np.asarray(partitions, np.int32), np.asarray(offsets, np.int64), timestamps, keys,
-                   values, next_offsets)
-
-    def __len__(self) -> int:
-        return len(self.values)
+class RejoinRequired(Exception):
+    """The producer was fenced or a transaction failed: in-memory state no longer matches what is durable."""
 
 
 class _RebalanceListener(ConsumerRebalanceListener):
@@ -78,10 +51,12 @@ class _RebalanceListener(ConsumerRebalanceListener):
 
 
 class StreamerService:
-    """One member of a Kafka consumer group serving a recurrent model, at-least-once.
+    """One member of a Kafka consumer group serving a recurrent model.
 
-    Input offsets are committed only after the outputs and dead letters of those events are acknowledged
-    by the broker, so a crash replays events instead of losing them.
+    At-least-once (default): outputs are acknowledged before the checkpoint writes state and commits the
+    input offsets, so a crash replays events instead of losing them. Exactly-once: each checkpoint is one
+    Kafka transaction holding the outputs, dead letters, changelog records and input offsets. With the
+    changelog on, a newly assigned partition stays paused until its states are restored.
     """
 
     def __init__(self, settings: Settings, *, model: RecurrentModel | None = None,
@@ -90,19 +65,26 @@ class StreamerService:
             raise ConfigError("No model: pass --model or set STREAMER_MODEL")
         if settings.output_topic in settings.input_topics or settings.dead_letter_topic in settings.input_topics:
             raise ConfigError("The output and dead-letter topics must differ from the input topics")
+        if settings.changelog and len(settings.input_topics) != 1:
+            raise ConfigError("The changelog needs exactly one input topic, because state records are placed "
+                              "by input partition number")
         self.settings = settings
+        self.exactly_once = settings.guarantee == "exactly-once"
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         self.model = model or load_model(settings.model, seq_len=settings.seq_len, device=settings.device)
-        self.engine = Engine(self.model, settings.semantics, capacity=settings.max_entities,
-                             idle_expiry_ms=settings.idle_expiry_ms)
         self.decoder = EventDecoder(event_format_for(self.model, settings.max_record_bytes, settings.entity_field))
         self.metrics = metrics or StreamerMetrics()
         self.metrics.set_build_info(__version__, self.model.fingerprint, settings.semantics, "service")
+        self.changelog_topic = changelog_topic(settings.group_id) if settings.changelog else None
+        self.engine = self._new_engine()
+        self.codec = StateCodec(self.engine.arena.row_shapes, settings.semantics) if settings.changelog else None
         self.metrics_server: MetricsServer | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
+        self.checkpointer: Checkpointer | None = None
         self._assignment: set[TopicPartition] = set()
+        self._restores: dict[TopicPartition, asyncio.Task] = {}
         self._batch_lock = asyncio.Lock()
         self._stop_requested = asyncio.Event()
         self._stop_deadline: float | None = None
@@ -110,9 +92,16 @@ class StreamerService:
         self._input_partitions: dict[str, int] = {}
         self._output_partitioner: KeyPartitioner | None = None
         self._dead_letter_partitioner: KeyPartitioner | None = None
+        self._transactional_id = f"{settings.group_id}-{settings.group_instance_id or uuid.uuid4().hex[:12]}"
         self.events_processed = 0
+        self._rejoin_reason: str | None = None
         self._evictions_seen = 0
         self._expirations_seen = 0
+
+    def _new_engine(self) -> Engine:
+        settings = self.settings
+        return Engine(self.model, settings.semantics, capacity=settings.max_entities,
+                      idle_expiry_ms=settings.idle_expiry_ms)
 
     # -- health ------------------------------------------------------------------------------------------
 
@@ -125,12 +114,14 @@ class StreamerService:
     def readiness(self) -> tuple[bool, str]:
         if not self._assignment:
             return False, "no partitions assigned"
+        if self._restores:
+            return False, f"restoring {len(self._restores)} partitions"
         return True, f"ready: {len(self._assignment)} partitions assigned"
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        """Ask the service to stop: no more fetches; the in-flight batch is finished and committed."""
+        """Ask the service to stop: no more fetches; the in-flight batch is finished and checkpointed."""
         if not self._stop_requested.is_set():
             logger.info("Stop requested; finishing the in-flight batch (deadline %.0f s)",
                         self.settings.shutdown_timeout_s)
@@ -148,32 +139,44 @@ class StreamerService:
     async def run(self) -> None:
         """Start, process batches until a stop is requested, then shut down.
 
+        A fenced producer or a failed transaction drops all in-memory state, leaves the group and joins it
+        again, so the state is restored from what the changelog made durable.
+
         Shutdown, bounded by ``shutdown_timeout_s`` from the stop request:
-        1. Stop fetching; the in-flight batch finishes, its outputs are acknowledged and its offsets committed.
+        1. Stop fetching; the in-flight batch finishes, then a last checkpoint makes it durable.
         2. Flush the producer.
         3. Stop the consumer, which leaves the group (static members keep their assignment until the session
            times out).
         4. Stop the producer and the metrics server.
         """
         logger.info("Starting streamer %s: %s", __version__, self.settings.effective())
-        await self._start()
+        self.metrics_server = MetricsServer(self.metrics, self.settings.metrics_host, self.settings.metrics_port,
+                                            liveness=self.liveness, readiness=self.readiness)
+        self.metrics_server.start()
         try:
+            await self._ensure_topics()
             while not self._stop_requested.is_set():
-                await self._poll_once()
+                await self._start_clients()
+                try:
+                    while not self._stop_requested.is_set():
+                        await self._poll_once()
+                    # Step 1
+                    await self._final_checkpoint()
+                except RejoinRequired as error:
+                    await self._drop_and_rejoin(error)
         finally:
             await self._shutdown()
 
-    async def _start(self) -> None:
+    async def _start_clients(self) -> None:
         settings = self.settings
-        self.metrics_server = MetricsServer(self.metrics, settings.metrics_host, settings.metrics_port,
-                                            liveness=self.liveness, readiness=self.readiness)
-        self.metrics_server.start()
-        await self._ensure_topics()
-        self.producer = AIOKafkaProducer(
+        producer_options = dict(
             bootstrap_servers=settings.bootstrap_servers, enable_idempotence=True, acks="all", linger_ms=2,
             max_batch_size=1 << 20, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
             request_timeout_ms=settings.request_timeout_ms,
         )
+        if self.exactly_once:
+            producer_options["transactional_id"] = self._transactional_id
+        self.producer = AIOKafkaProducer(**producer_options)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
@@ -185,6 +188,11 @@ class StreamerService:
                     stopping=self._stop_requested.is_set, on_retry=self._count_retry)
         await retry("consumer start", self.consumer.start, timeout_s=settings.request_timeout_ms / 1000,
                     stopping=self._stop_requested.is_set, on_retry=self._count_retry)
+        self.checkpointer = Checkpointer(
+            producer=self.producer, consumer=self.consumer, arena=self.engine.arena, codec=self.codec,
+            fingerprint=self.model.fingerprint, changelog_topic=self.changelog_topic, group_id=settings.group_id,
+            exactly_once=self.exactly_once, metrics=self.metrics, interval_ms=settings.checkpoint_interval_ms,
+            max_events=settings.checkpoint_events, timeout_s=2 * settings.request_timeout_ms / 1000)
         self.consumer.subscribe(settings.input_topics, listener=_RebalanceListener(self))
 
     async def _ensure_topics(self) -> None:
@@ -195,33 +203,77 @@ class StreamerService:
         specs.append(TopicSpec(settings.output_topic, settings.topic_partitions, settings.replication_factor))
         specs.append(TopicSpec(settings.dead_letter_topic, settings.topic_partitions, settings.replication_factor,
                                large))
-        counts = await retry("create topics", lambda: ensure_topics(settings.bootstrap_servers, specs,
-                                                                     settings.request_timeout_ms),
-                             timeout_s=3 * settings.request_timeout_ms / 1000, stopping=self._stop_requested.is_set,
-                             on_retry=self._count_retry)
+        counts = await self._create_topics(specs)
         self._input_partitions = {topic: counts[topic] for topic in settings.input_topics}
         self._output_partitioner = KeyPartitioner(counts[settings.output_topic])
         self._dead_letter_partitioner = KeyPartitioner(counts[settings.dead_letter_topic])
+        if self.changelog_topic is not None:
+            # Same partition count as the input: an entity's state record goes to its events' partition number.
+            input_partitions = counts[settings.input_topics[0]]
+            compacted = {"cleanup.policy": "compact", "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}
+            changelog = await self._create_topics(
+                [TopicSpec(self.changelog_topic, input_partitions, settings.replication_factor, compacted)])
+            if changelog[self.changelog_topic] != input_partitions:
+                raise ConfigError(
+                    f"Changelog topic {self.changelog_topic} has {changelog[self.changelog_topic]} partitions, "
+                    f"expected {input_partitions} like {settings.input_topics[0]}; recreate it or use another group")
+
+    async def _create_topics(self, specs: list[TopicSpec]) -> dict[str, int]:
+        settings = self.settings
+        return await retry("create topics",
+                           lambda: ensure_topics(settings.bootstrap_servers, specs, settings.request_timeout_ms),
+                           timeout_s=3 * settings.request_timeout_ms / 1000, stopping=self._stop_requested.is_set,
+                           on_retry=self._count_retry)
+
+    async def _final_checkpoint(self) -> None:
+        try:
+            async with self._batch_lock:
+                await self._checkpoint()
+        except (BrokerError, KafkaError, asyncio.TimeoutError, RejoinRequired) as error:
+            logger.warning("Final checkpoint failed; uncommitted events will be replayed: %r", error)
+
+    async def _drop_and_rejoin(self, error: Exception) -> None:
+        logger.warning("Dropping in-memory state and rejoining the group: %r", error)
+        self.metrics.resets.inc()
+        for task in self._restores.values():
+            task.cancel()
+        self._restores.clear()
+        try:
+            if self.checkpointer is not None:
+                await self.checkpointer.abort()
+        except (KafkaError, asyncio.TimeoutError) as abort_error:
+            logger.warning("Aborting the open transaction failed: %r", abort_error)
+        await self._stop_clients()
+        self.engine = self._new_engine()
+        self._assignment.clear()
+        self.metrics.assigned_partitions.set(0)
+        self.metrics.state_entities.set(0)
+
+    async def _stop_clients(self) -> None:
+        if self.consumer is not None:
+            await self._until_deadline(self.consumer.stop(), "Consumer leaving the group")
+        if self.producer is not None:
+            await self._until_deadline(self.producer.stop(), "Producer stop")
+        self.consumer = self.producer = None
 
     async def _shutdown(self) -> None:
         if self._stop_deadline is None:
             self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
+        for task in self._restores.values():
+            task.cancel()
         # Step 2
         if self.producer is not None:
             await self._until_deadline(self.producer.flush(), "Producer flush")
-        # Step 3
-        if self.consumer is not None:
-            await self._until_deadline(self.consumer.stop(), "Consumer leaving the group")
-        # Step 4
-        if self.producer is not None:
-            await self._until_deadline(self.producer.stop(), "Producer stop")
+        # Steps 3 and 4
+        await self._stop_clients()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         logger.info("Stopped after %d events", self.events_processed)
 
     async def _until_deadline(self, call, operation: str) -> None:
         """Await one shutdown step, giving up with a warning at the shutdown deadline or on a broker error."""
-        remaining_s = max(0.1, self._stop_deadline - time.monotonic())
+        deadline = self._stop_deadline or time.monotonic() + self.settings.shutdown_timeout_s
+        remaining_s = max(0.1, deadline - time.monotonic())
         try:
             await asyncio.wait_for(call, remaining_s)
         except (asyncio.TimeoutError, KafkaError) as error:
@@ -230,10 +282,21 @@ class StreamerService:
     # -- rebalances --------------------------------------------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Wait for the in-flight batch (it commits its offsets), then drop the revoked partitions' entities."""
+        """Checkpoint what was processed, then drop the revoked partitions' entities from memory."""
         if not revoked:
             return
+        for tp in revoked & set(self._restores):
+            self._restores.pop(tp).cancel()
+            self.metrics.restore_anomalies.labels(kind="rebalance_during_restore").inc()
+            logger.info("Restore of %s cancelled by a rebalance", tp)
         async with self._batch_lock:
+            try:
+                await self._checkpoint()
+            except RejoinRequired as error:
+                logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
+                await self._abort_quietly()
+            except (BrokerError, KafkaError, asyncio.TimeoutError) as error:
+                logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
             partitions = {tp.partition for tp in revoked}
             # NOTE: the arena keys entities by partition number only. With several input topics, a revoked
             # partition number drops that number's entities of every topic, which range assignment co-assigns.
@@ -247,24 +310,128 @@ class StreamerService:
             self.metrics.state_entities.set(len(self.engine.arena))
         logger.info("Partitions revoked: %s; dropped %d entities", _format_partitions(revoked), dropped)
 
+    async def _abort_quietly(self) -> None:
+        try:
+            await self.checkpointer.abort()
+        except (KafkaError, asyncio.TimeoutError) as error:
+            logger.warning("Aborting the open transaction failed: %r", error)
+
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Record the assignment; with the changelog on, pause new partitions until their state is restored."""
+        new = assigned - self._assignment
         self._assignment |= assigned
         self.metrics.assigned_partitions.set(len(self._assignment))
         if assigned:
             self.metrics.rebalances.inc()
         logger.info("Partitions assigned: %s", _format_partitions(assigned))
+        if self.changelog_topic is not None and new:
+            # Pause and register before any await, so the fetch loop never sees these partitions unrestored.
+            self.consumer.pause(*new)
+            for tp in new:
+                self._restores[tp] = asyncio.create_task(self._restore(tp),
+                                                         name=f"restore-{tp.topic}-{tp.partition}")
+            self.metrics.restore_partitions_in_progress.set(len(self._restores))
+        await self._check_retained_offsets(new)
+
+    async def _check_retained_offsets(self, partitions: set[TopicPartition]) -> None:
+        """Log and count partitions whose committed offset is below the log start (records deleted)."""
+        if not partitions:
+            return
+        try:
+            beginnings = await self.consumer.beginning_offsets(list(partitions))
+            for tp in partitions:
+                committed = await self.consumer.committed(tp)
+                if committed is not None and committed < beginnings[tp]:
+                    self.metrics.restore_anomalies.labels(kind="offsets_not_retained").inc()
+                    logger.warning("Committed offset %d of %s is no longer retained (log starts at %d); "
+                                   "events in between are lost and processing resumes at the log start",
+                                   committed, tp, beginnings[tp])
+        except (KafkaError, asyncio.TimeoutError) as error:
+            logger.warning("Checking retained offsets failed: %r", error)
+
+    async def _restore(self, tp: TopicPartition) -> None:
+        settings = self.settings
+        logger.info("Restoring state of %s from %s[%d]", tp, self.changelog_topic, tp.partition)
+        try:
+            result = await restore_partition(
+                bootstrap_servers=settings.bootstrap_servers, topic=self.changelog_topic, partition=tp.partition,
+                codec=self.codec, arena=self.engine.arena, fingerprint=self.model.fingerprint,
+                mismatch_policy=settings.model_mismatch, request_timeout_ms=settings.request_timeout_ms)
+        except asyncio.CancelledError:
+            raise
+        except StateError as error:
+            logger.error("Restore of %s failed: %s", tp, error)
+            self.request_stop()
+            return
+        except (KafkaError, asyncio.TimeoutError, OSError) as error:
+            logger.warning("Restore of %s failed, rejoining: %r", tp, error)
+            self._restores.pop(tp, None)
+            self.metrics.restore_partitions_in_progress.set(len(self._restores))
+            self._rejoin_reason = f"the restore of {tp} failed: {error!r}"
+            return
+        for kind, count in result.anomalies.items():
+            self.metrics.restore_anomalies.labels(kind=kind).inc(count)
+        self.metrics.restored_records.inc(result.records)
+        self.metrics.restore_duration_seconds.observe(result.duration_s)
+        self.metrics.state_entities.set(len(self.engine.arena))
+        if self._restores.get(tp) is asyncio.current_task():
+            del self._restores[tp]
+            if tp in self._assignment:
+                self.consumer.resume(tp)
+        self.metrics.restore_partitions_in_progress.set(len(self._restores))
+        logger.info("Restored %s: %d entities from %d records in %.2f s", tp, result.entities, result.records,
+                    result.duration_s)
 
     # -- the batch ---------------------------------------------------------------------------------------
 
     async def _poll_once(self) -> None:
+        if self._rejoin_reason is not None:
+            reason, self._rejoin_reason = self._rejoin_reason, None
+            raise RejoinRequired(reason)
         records = await self.consumer.getmany(timeout_ms=100, max_records=self.settings.max_batch_events)
+        self._hold_back_restoring(records)
         self._last_poll = time.monotonic()
         self.metrics.mark_poll()
         fetched = FetchedBatch.from_records(records)
-        if not len(fetched):
-            return
         async with self._batch_lock:
-            await self._process(fetched)
+            if len(fetched):
+                await self._process(fetched)
+            if self.checkpointer.due():
+                await self._checkpoint()
+
+    def _hold_back_restoring(self, records: dict[TopicPartition, list]) -> None:
+        """Drop fetched records of partitions still being restored and rewind to the first of them.
+
+        Pausing a partition stops new fetches, but a fetch already under way when the partition was assigned
+        can still return its records; applying them before the restore would advance a stale state.
+        """
+        for tp in [tp for tp in records if tp in self._restores]:
+            messages = records.pop(tp)
+            if messages:
+                self.consumer.seek(tp, messages[0].offset)
+                logger.info("Held back %d records of %s until its restore completes", len(messages), tp)
+
+    async def _checkpoint(self) -> None:
+        """Run a checkpoint; exactly-once failures require a rejoin, at-least-once ones are retried later."""
+        if self.checkpointer is None:
+            return
+        try:
+            await self.checkpointer.checkpoint(lambda tp: tp in self.consumer.assignment())
+        except ProducerFenced as error:
+            self.metrics.checkpoint_failures.inc()
+            raise RejoinRequired(f"producer fenced: {error!r}") from error
+        except (KafkaError, asyncio.TimeoutError) as error:
+            self.metrics.checkpoint_failures.inc()
+            if self.exactly_once:
+                raise RejoinRequired(f"transaction failed: {error!r}") from error
+            self.metrics.commit_failures.inc()
+            if isinstance(error, (CommitFailedError, IllegalStateError)):
+                # The group rebalanced: these partitions belong to another member now, which resumes from the
+                # last committed offset. Outputs already produced may be produced again (at-least-once).
+                logger.warning("Commit rejected after a rebalance; the new owner will replay: %r", error)
+                self.checkpointer.pending_offsets.clear()
+                return
+            logger.warning("Checkpoint failed, retrying at the next one: %r", error)
 
     async def _process(self, fetched: FetchedBatch) -> None:
         started = time.perf_counter()
@@ -274,10 +441,15 @@ class StreamerService:
         outputs = self._output_records(fetched, batch, result)
         letters = self._dead_letter_records(fetched, dead)
         self.metrics.batch_duration_seconds.observe(time.perf_counter() - started)
-        await self._deliver(outputs, letters)
-        acknowledged_ms = time.time() * 1000
-        await self._commit(fetched.next_offsets)
-        self._record_batch(fetched, batch, result, dead, len(outputs), acknowledged_ms)
+        event_times_ms = np.asarray(fetched.timestamps_ms, np.float64)[batch.record_index[result.applied]]
+        if self.exactly_once:
+            await self._send_in_transaction(outputs, letters)
+            self.checkpointer.record_batch(fetched.next_offsets, len(fetched), event_times_ms)
+        else:
+            await self._deliver(outputs, letters)
+            self.metrics.observe_latencies(np.maximum(0.0, (time.time() * 1000 - event_times_ms) / 1000.0))
+            self.checkpointer.record_batch(fetched.next_offsets, len(fetched))
+        self._record_batch(fetched, result, dead, len(outputs))
 
     def _output_records(self, fetched: FetchedBatch, batch: EventBatch, result: StepResult
                         ) -> list[tuple[int, bytes, bytes]]:
@@ -319,6 +491,20 @@ class StreamerService:
             logger.debug("Dead letter %s[%d]@%d: %s", topic, partition, offset, letter.reason)
         return records, headers
 
+    async def _send_in_transaction(self, outputs, letters) -> None:
+        """Hand outputs and dead letters to the open transaction; the checkpoint's commit makes them visible."""
+        settings = self.settings
+        try:
+            await self.checkpointer.begin()
+            futures = await send_records(self.producer, settings.output_topic, outputs, transactional=True)
+            futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1],
+                                          transactional=True)
+        except (KafkaError, asyncio.TimeoutError) as error:
+            raise RejoinRequired(f"sending in a transaction failed: {error!r}") from error
+        # A failed send also fails the transaction's commit, which is where it is handled.
+        for future in futures:
+            future.add_done_callback(_retrieve_exception)
+
     async def _deliver(self, outputs: list[tuple[int, bytes, bytes]],
                        letters: tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]) -> None:
         """Send outputs and dead letters and wait until the broker acknowledges all of them, retrying."""
@@ -332,26 +518,8 @@ class StreamerService:
         await retry("produce outputs", send_and_wait, timeout_s=2 * settings.request_timeout_ms / 1000,
                     stopping=self._past_deadline, on_retry=self._count_retry)
 
-    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
-        owned = {tp: offset for tp, offset in offsets.items() if tp in self.consumer.assignment()}
-        if not owned:
-            return
-        try:
-            await retry("commit offsets", lambda: self.consumer.commit(owned),
-                        timeout_s=self.settings.request_timeout_ms / 1000, stopping=self._past_deadline,
-                        on_retry=self._count_retry)
-            self.metrics.commits.inc()
-        except BrokerError as error:
-            self.metrics.commit_failures.inc()
-            if isinstance(error.__cause__, (CommitFailedError, IllegalStateError)):
-                # The group rebalanced: these partitions belong to another member now, which resumes from the
-                # last committed offset. Outputs already produced may be produced again (at-least-once).
-                logger.warning("Commit rejected after a rebalance; the new owner will replay: %r", error.__cause__)
-                return
-            raise
-
-    def _record_batch(self, fetched: FetchedBatch, batch: EventBatch, result: StepResult, dead: list[DeadLetter],
-                      produced: int, acknowledged_ms: float) -> None:
+    def _record_batch(self, fetched: FetchedBatch, result: StepResult, dead: list[DeadLetter], produced: int
+                      ) -> None:
         metrics = self.metrics
         for topic in set(fetched.topics):
             metrics.events_consumed.labels(topic=topic).inc(fetched.topics.count(topic))
@@ -362,15 +530,11 @@ class StreamerService:
             metrics.events_duplicate.inc(result.duplicates)
         metrics.batch_events.observe(len(fetched))
         metrics.inference_duration_seconds.observe(result.inference_s)
-        timestamps = np.asarray(fetched.timestamps_ms, np.float64)[batch.record_index[result.applied]]
-        if timestamps.size:
-            metrics.observe_latencies(np.maximum(0.0, (acknowledged_ms - timestamps) / 1000.0))
         arena = self.engine.arena
         metrics.state_entities.set(len(arena))
         metrics.state_evictions.inc(arena.evictions - self._evictions_seen)
         metrics.state_expirations.inc(arena.expirations - self._expirations_seen)
         self._evictions_seen, self._expirations_seen = arena.evictions, arena.expirations
-        arena.drain_removed()
         for tp, next_offset in fetched.next_offsets.items():
             highwater = self.consumer.highwater(tp)
             if highwater is not None:
@@ -381,6 +545,11 @@ class StreamerService:
 
     def _count_retry(self, operation: str) -> None:
         self.metrics.broker_retries.labels(operation=operation).inc()
+
+
+def _retrieve_exception(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _format_partitions(partitions: set[TopicPartition]) -> str:

@@ -267,3 +267,35 @@ class StateArena:
         if partition is not None:
             used = used & (self.partition[: len(self._entity_of)] == partition)
         return np.flatnonzero(used)
+
+    # -- durable state -----------------------------------------------------------------------------------
+
+    def dirty_slots(self) -> np.ndarray:
+        """Slots changed since their state was last written to the changelog."""
+        size = len(self._entity_of)
+        return np.flatnonzero(self.dirty[:size] & self.occupied[:size])
+
+    def export_rows(self, slots: np.ndarray) -> np.ndarray:
+        """Copy the rows of ``slots`` into a CPU float32 array of shape (len(slots), floats per entity)."""
+        parts = [self.gather(name, slots).reshape(slots.size, -1) for name in self.row_shapes]
+        return torch.cat(parts, 1).detach().to("cpu", torch.float32).numpy()
+
+    def load(self, entities: list[str], partition: int, steps: np.ndarray, last_offsets: np.ndarray,
+             last_event_ms: np.ndarray, rows: dict[str, np.ndarray]) -> np.ndarray:
+        """Insert or overwrite restored entities of one partition; they start clean (not dirty)."""
+        slots = self.assign(entities, np.full(len(entities), partition, np.int32))
+        for name, values in rows.items():
+            self.scatter(name, slots, torch.from_numpy(np.ascontiguousarray(values)).to(self.device))
+        self.steps[slots] = steps
+        self.last_offset[slots] = last_offsets
+        self.last_event_ms[slots] = last_event_ms
+        self.dirty[slots] = False
+        return slots
+
+    def remove_entities(self, entities: list[str], reason: str = "deleted") -> int:
+        """Remove the given entities if present; return how many were removed. Nothing is reported."""
+        slots = np.asarray([slot for slot in map(self._index.get, entities) if slot is not None], np.int64)
+        before = len(self.removed)
+        self._remove(slots, reason)
+        del self.removed[before:]
+        return int(slots.size)

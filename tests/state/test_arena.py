@@ -115,3 +115,27 @@ def test_assign_empty_and_single():
     assert arena.assign([]).tolist() == []
     assert arena.assign(["solo"]).tolist() == [0]
     assert arena.assign(["solo"]).tolist() == [0]
+
+
+def test_export_and_load_round_trip():
+    arena = make_arena()
+    slots = arena.assign(["a", "b"], np.array([3, 3], np.int32))
+    arena.scatter("h", slots, torch.randn(2, 2, 3))
+    arena.scatter("c", slots, torch.randn(2, 2, 3))
+    arena.steps[slots] = [4, 9]
+    arena.dirty[slots] = True
+    assert arena.dirty_slots().tolist() == sorted(slots.tolist())
+    rows = arena.export_rows(slots)
+    assert rows.shape == (2, 12)
+    other = make_arena()
+    split = {"h": rows[:, :6].reshape(2, 2, 3), "c": rows[:, 6:].reshape(2, 2, 3)}
+    loaded = other.load(["a", "b"], 3, np.array([4, 9]), np.array([10, 11]), np.array([5, 6]), split)
+    assert torch.equal(other.gather("h", loaded), arena.gather("h", slots))
+    assert torch.equal(other.gather("c", loaded), arena.gather("c", slots))
+    assert other.steps[loaded].tolist() == [4, 9]
+    assert other.last_offset[loaded].tolist() == [10, 11]
+    assert other.partition[loaded].tolist() == [3, 3]
+    assert other.dirty_slots().tolist() == []
+    assert other.remove_entities(["a", "zzz"]) == 1
+    assert "a" not in other
+    assert other.drain_removed() == []

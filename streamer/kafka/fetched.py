@@ -1,0 +1,43 @@
+"""Records of one fetch, flattened into parallel columns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from aiokafka import TopicPartition
+
+
+@dataclass
+class FetchedBatch:
+    """Records of one ``getmany`` call, flattened in partition order, as parallel columns."""
+
+    topics: list[str]
+    partitions: np.ndarray
+    offsets: np.ndarray
+    timestamps_ms: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    next_offsets: dict[TopicPartition, int]
+
+    @classmethod
+    def from_records(cls, records: dict[TopicPartition, list]) -> FetchedBatch:
+        topics, partitions, offsets, timestamps, keys, values = [], [], [], [], [], []
+        next_offsets = {}
+        for tp, messages in records.items():
+            if not messages:
+                continue
+            count = len(messages)
+            topics.extend([tp.topic] * count)
+            partitions.extend([tp.partition] * count)
+            for message in messages:
+                offsets.append(message.offset)
+                timestamps.append(message.timestamp)
+                keys.append(message.key)
+                values.append(message.value)
+            next_offsets[tp] = messages[-1].offset + 1
+        return cls(topics, np.asarray(partitions, np.int32), np.asarray(offsets, np.int64), timestamps, keys,
+                   values, next_offsets)
+
+    def __len__(self) -> int:
+        return len(self.values)

@@ -1,0 +1,125 @@
+"""Restoring one partition's entity states from the changelog topic before the partition is processed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from streamer.errors import StateError
+from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES
+from streamer.state.arena import StateArena
+from streamer.state.changelog import StateCodec
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_LOG_INTERVAL_S = 10.0
+STALLED_POLLS = 20  # empty polls (500 ms each) below the end offset before a restore stops early
+
+
+@dataclass
+class RestoreResult:
+    """What one partition's restore read and loaded; ``anomalies`` counts each kind of defined fault."""
+
+    partition: int
+    records: int = 0
+    entities: int = 0
+    tombstones: int = 0
+    duration_s: float = 0.0
+    end_offset: int = 0
+    anomalies: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str, amount: int = 1) -> None:
+        self.anomalies[kind] = self.anomalies.get(kind, 0) + amount
+
+
+async def restore_partition(*, bootstrap_servers: str, topic: str, partition: int, codec: StateCodec,
+                            arena: StateArena, fingerprint: str, mismatch_policy: str,
+                            request_timeout_ms: int = 10_000) -> RestoreResult:
+    """Load the latest state of every entity of ``partition`` from the changelog into ``arena``.
+
+    Records are read with read_committed up to the end offset found at the start, so states of aborted
+    transactions are never loaded and the transaction markers at the log's end are skipped. A later record
+    of an entity replaces an earlier one and a tombstone removes it. Records that cannot be decoded are
+    skipped and counted (``invalid_record``). A record of another model is skipped and counted
+    (``model_mismatch``) under the ``reset`` policy and raises ``StateError`` under ``fail``.
+    """
+    result = RestoreResult(partition)
+    started = time.monotonic()
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                                isolation_level="read_committed", auto_offset_reset="earliest",
+                                max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, fetch_max_bytes=64 << 20,
+                                request_timeout_ms=max(request_timeout_ms, 40_000))
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        result.end_offset = (await consumer.end_offsets([tp]))[tp]
+        await consumer.seek_to_beginning(tp)
+        await _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started)
+    finally:
+        await consumer.stop()
+    result.duration_s = time.monotonic() - started
+    return result
+
+
+async def _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started) -> None:
+    last_log = time.monotonic()
+    stalled = 0
+    while await consumer.position(tp) < result.end_offset:
+        fetched = (await consumer.getmany(tp, timeout_ms=500, max_records=65536)).get(tp, [])
+        if not fetched:
+            stalled += 1
+            if stalled >= STALLED_POLLS:
+                position = await consumer.position(tp)
+                logger.warning("Restore of %s stopped at offset %d below the end offset %d: no more records",
+                               tp, position, result.end_offset)
+                result.count("incomplete_read")
+                return
+            continue
+        stalled = 0
+        latest = {message.key: message.value for message in fetched if message.key is not None}
+        result.records += len(fetched)
+        _apply(latest, tp.partition, result, codec, arena, fingerprint, mismatch_policy)
+        if time.monotonic() - last_log >= PROGRESS_LOG_INTERVAL_S:
+            last_log = time.monotonic()
+            logger.info("Restoring %s: %d/%d records read, %d entities, %.0f s", tp, result.records,
+                        result.end_offset, result.entities, last_log - started)
+        await asyncio.sleep(0)
+
+
+def _apply(latest: dict[bytes, bytes | None], partition: int, result: RestoreResult, codec: StateCodec,
+           arena: StateArena, fingerprint: str, mismatch_policy: str) -> None:
+    deleted = [key.decode("utf-8", "replace") for key, value in latest.items() if value is None]
+    if deleted:
+        arena.remove_entities(deleted, "tombstone")
+        result.tombstones += len(deleted)
+    entities = [key.decode("utf-8", "replace") for key, value in latest.items() if value is not None]
+    values = [value for value in latest.values() if value is not None]
+    if not values:
+        return
+    records, invalid = codec.decode(entities, values)
+    if invalid:
+        result.count("invalid_record", len(invalid))
+        arena.remove_entities([entity for entity, _ in invalid], "invalid")
+        logger.warning("Skipped %d invalid changelog records of partition %d, first: %s: %s", len(invalid),
+                       partition, invalid[0][0], invalid[0][1])
+    matches = np.array([record_fingerprint == fingerprint for record_fingerprint in records.fingerprints], bool)
+    if not matches.all():
+        mismatched = [entity for entity, ok in zip(records.entities, matches) if not ok]
+        if mismatch_policy == "fail":
+            raise StateError(
+                f"Changelog partition {partition} holds state of another model for {len(mismatched)} entities "
+                f"(first: {mismatched[0]}); start with --model-mismatch reset to discard it")
+        result.count("model_mismatch", len(mismatched))
+        arena.remove_entities(mismatched, "model_mismatch")
+    keep = np.flatnonzero(matches)
+    if keep.size:
+        names = [records.entities[i] for i in keep.tolist()]
+        arena.load(names, partition, records.steps[keep], records.last_offsets[keep], records.last_ts_ms[keep],
+                   codec.split_rows(records.rows[keep]))
+        result.entities = len(arena.occupied_slots(partition))

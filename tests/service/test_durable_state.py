@@ -1,0 +1,224 @@
+"""Durable state against a real broker: changelog contents, restore, crashes, exactly-once, model changes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from streamer.engine import Engine, EventBatch
+from streamer.model import SeedNet, load_model
+from streamer.state.changelog import StateCodec, changelog_topic
+from tests.service.service_helpers import ServiceProcess, create_topics, produce, read_topic
+
+pytestmark = pytest.mark.kafka
+
+PARTITIONS = 2
+ENTITIES = 40
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    torch.manual_seed(11)
+    path = tmp_path / "net.pt"
+    torch.save(SeedNet(4, 16, 5, 1, 2).eval().state_dict(), path)
+    return path
+
+
+def make_events(n_events: int) -> list[tuple[bytes, bytes]]:
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(n_events, 4)).round(4).tolist()
+    return [(f"e{i % ENTITIES}".encode(), orjson.dumps({"features": features[i], "seq": i})) for i in range(n_events)]
+
+
+def offline(model_path, events):
+    """Per event (in production order) the prediction and step of a single uninterrupted engine."""
+    engine = Engine(load_model(model_path))
+    entities = [key.decode() for key, _ in events]
+    features = [orjson.loads(value)["features"] for _, value in events]
+    result = engine.process(EventBatch.build(entities, features))
+    by_seq = {orjson.loads(value)["seq"]: (result.predictions[i, 0], result.steps[i])
+              for i, (_, value) in enumerate(events)}
+    return by_seq, engine
+
+
+def names(prefix: str) -> dict[str, str]:
+    suffix = uuid.uuid4().hex[:8]
+    return {"input_topics": f"{prefix}-in-{suffix}", "output_topic": f"{prefix}-out-{suffix}",
+            "dead_letter_topic": f"{prefix}-dlq-{suffix}", "group_id": f"{prefix}-group-{suffix}"}
+
+
+def outputs_by_seq(records, events) -> dict[int, list[dict]]:
+    """Map each output back to its event's ``seq`` through (partition, offset) of the input."""
+    result: dict[int, list[dict]] = {}
+    for record in records:
+        output = orjson.loads(record.value)
+        result.setdefault(output["source"]["offset"] * 1000 + output["source"]["partition"], []).append(output)
+    return result
+
+
+async def input_positions(bootstrap, topic, count):
+    """(partition, offset) of every input event, by its seq."""
+    records = await read_topic(bootstrap, topic, count)
+    return {orjson.loads(r.value)["seq"]: (r.partition, r.offset) for r in records}
+
+
+def read_until_covered(bootstrap, topic, count, isolation_level="read_uncommitted", timeout_s=120.0):
+    """Read the whole topic again and again until outputs for ``count`` distinct input positions exist."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = asyncio.run(read_topic(bootstrap, topic, 10**9, timeout_s=3, isolation_level=isolation_level))
+        sources = {(orjson.loads(r.value)["source"]["partition"], orjson.loads(r.value)["source"]["offset"])
+                   for r in records}
+        if len(sources) >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(1)
+
+
+def wait_for_outputs(service: ServiceProcess, count: float, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while service.metric("streamer_events_produced_total") < count and time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(service.log())
+        time.sleep(0.05)
+
+
+def run_with_interruption(tmp_path, bootstrap, model_path, topics, events, stop_signal, **extra):
+    """Run a service until some outputs exist, stop it with ``stop_signal``, then run a second one to the end."""
+    settings = dict(model=model_path, bootstrap_servers=bootstrap, topic_partitions=PARTITIONS, changelog="true",
+                    max_batch_events=50, checkpoint_interval_ms=200, **topics, **extra)
+    first = ServiceProcess(tmp_path, **settings)
+    first.wait_ready()
+    wait_for_outputs(first, len(events) // 3)
+    deadline = time.monotonic() + 30
+    while first.metric("streamer_changelog_records_total") == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the interruption must come after a checkpoint, or there is nothing to restore
+    if stop_signal == signal.SIGKILL:
+        first.kill()
+    else:
+        assert first.stop(stop_signal) == 0, first.log()
+    second = ServiceProcess(tmp_path, **settings)
+    return first, second
+
+
+def check_outputs_match_offline(records, events, positions, reference, exactly_once):
+    seq_of = {position: seq for seq, position in positions.items()}
+    seen: dict[int, list[dict]] = {}
+    for record in records:
+        output = orjson.loads(record.value)
+        seq = seq_of[(output["source"]["partition"], output["source"]["offset"])]
+        seen.setdefault(seq, []).append(output)
+    assert sorted(seen) == list(range(len(events))), "an event has no output"
+    duplicates = 0
+    for seq, outputs in seen.items():
+        expected_prediction, expected_step = reference[seq]
+        for output in outputs:
+            assert output["step"] == expected_step, (seq, output)
+            assert abs(output["prediction"][0] - expected_prediction) < 1e-5, (seq, output)
+        duplicates += len(outputs) - 1
+    if exactly_once:
+        assert duplicates == 0
+    return duplicates
+
+
+def read_changelog(bootstrap, group_id, model_path):
+    records = asyncio.run(read_topic(bootstrap, changelog_topic(group_id), 10**9, timeout_s=8))
+    model = load_model(model_path)
+    codec = StateCodec({"h": model.state_shape, "c": model.state_shape}, "stateful")
+    latest = {}
+    for record in records:
+        latest[record.key.decode()] = (record.partition, record.value)
+    alive = {entity: item for entity, item in latest.items() if item[1] is not None}
+    decoded, invalid = codec.decode(list(alive), [value for _, value in alive.values()])
+    assert invalid == []
+    return decoded, {entity: partition for entity, (partition, _) in alive.items()}, model.fingerprint
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill9"])
+def test_restore_continues_state_at_least_once(kafka_bootstrap, model_path, tmp_path, stop_signal):
+    topics = names("alo")
+    events = make_events(1200)
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events))
+    positions = asyncio.run(input_positions(kafka_bootstrap, topics["input_topics"], len(events)))
+    reference, engine = offline(model_path, events)
+    first, second = run_with_interruption(tmp_path, kafka_bootstrap, model_path, topics, events, stop_signal)
+    try:
+        second.wait_ready()
+        records = read_until_covered(kafka_bootstrap, topics["output_topic"], len(events))
+        restored = second.metric("streamer_restored_records_total")
+    finally:
+        assert second.stop() == 0, second.log()
+    assert restored > 0, first.log() + "\n=== second ===\n" + second.log()
+    check_outputs_match_offline(records, events, positions, reference, exactly_once=False)
+
+    decoded, partitions, fingerprint = read_changelog(kafka_bootstrap, topics["group_id"], model_path)
+    assert sorted(decoded.entities) == sorted(f"e{i}" for i in range(ENTITIES))
+    assert set(decoded.fingerprints) == {fingerprint}
+    for i, entity in enumerate(decoded.entities):
+        slot = engine.arena.slot_of(entity)
+        assert decoded.steps[i] == engine.arena.steps[slot]
+        expected = engine.arena.export_rows(np.array([slot]))[0]
+        assert np.abs(decoded.rows[i] - expected).max() < 1e-6
+        last_seq = max(seq for seq, (key, _) in enumerate(events) if key.decode() == entity)
+        assert (partitions[entity], decoded.last_offsets[i]) == positions[last_seq]
+
+
+def test_exactly_once_survives_kill(kafka_bootstrap, model_path, tmp_path):
+    topics = names("eos")
+    events = make_events(1200)
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events))
+    positions = asyncio.run(input_positions(kafka_bootstrap, topics["input_topics"], len(events)))
+    reference, _ = offline(model_path, events)
+    first, second = run_with_interruption(tmp_path, kafka_bootstrap, model_path, topics, events, signal.SIGKILL,
+                                          guarantee="exactly-once", group_instance_id="member-a")
+    try:
+        second.wait_ready(timeout_s=90)
+        records = read_until_covered(kafka_bootstrap, topics["output_topic"], len(events),
+                                     isolation_level="read_committed")
+    finally:
+        assert second.stop() == 0, second.log()
+    assert check_outputs_match_offline(records, events, positions, reference, exactly_once=True) == 0
+
+
+def test_model_mismatch_policies(kafka_bootstrap, model_path, tmp_path):
+    topics = names("mismatch")
+    events = make_events(200)
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:100]))
+    settings = dict(bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS, changelog="true", **topics)
+    first = ServiceProcess(tmp_path, model=model_path, **settings)
+    first.wait_ready()
+    wait_for_outputs(first, 100)
+    assert first.stop() == 0, first.log()
+
+    torch.manual_seed(99)
+    other_model = tmp_path / "other.pt"
+    torch.save(SeedNet(4, 16, 5, 1, 2).eval().state_dict(), other_model)
+    refusing = ServiceProcess(tmp_path, model=other_model, model_mismatch="fail", **settings)
+    assert refusing.process.wait(60) != 0 or "another model" in refusing.log()
+    assert "another model" in refusing.log()
+    refusing.kill()
+
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[100:]))
+    resetting = ServiceProcess(tmp_path, model=other_model, model_mismatch="reset", **settings)
+    try:
+        resetting.wait_ready()
+        wait_for_outputs(resetting, 100)
+        mismatches = resetting.metric('streamer_restore_anomalies_total{kind="model_mismatch"}')
+    finally:
+        assert resetting.stop() == 0, resetting.log()
+    assert mismatches == ENTITIES
+    outputs = [orjson.loads(r.value) for r in asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 200))]
+    later = [o for o in outputs if o["model"] == load_model(other_model).fingerprint]
+    first_steps = {}
+    for output in later:
+        first_steps.setdefault(output["entity"], output["step"])
+    assert set(first_steps.values()) == {1}  # every entity started again from zero state

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+
+from streamer.errors import StateError
+from streamer.state.changelog import HEADER_BYTES, StateCodec, changelog_topic
+
+SHAPES = {"h": (2, 3), "c": (2, 3)}
+FINGERPRINT = "0123456789abcdef"
+
+
+def test_round_trip():
+    codec = StateCodec(SHAPES, "stateful")
+    rows = np.random.default_rng(0).normal(size=(3, 12)).astype(np.float32)
+    values = codec.encode(FINGERPRINT, np.array([1, 2, 3]), np.array([10, 20, 30]), np.array([-5, 0, 7]), rows)
+    assert [len(value) for value in values] == [HEADER_BYTES + 48] * 3
+    assert values[0][0] == 1  # format version byte
+    records, invalid = codec.decode(["a", "b", "c"], values)
+    assert invalid == []
+    assert records.entities == ["a", "b", "c"]
+    assert records.fingerprints == [FINGERPRINT] * 3
+    assert records.steps.tolist() == [1, 2, 3]
+    assert records.last_offsets.tolist() == [10, 20, 30]
+    assert records.last_ts_ms.tolist() == [-5, 0, 7]
+    assert np.array_equal(records.rows, rows)
+    split = codec.split_rows(records.rows)
+    assert np.array_equal(split["h"], rows[:, :6].reshape(3, 2, 3))
+    assert np.array_equal(split["c"], rows[:, 6:].reshape(3, 2, 3))
+
+
+def test_floats_are_little_endian_raw():
+    codec = StateCodec({"h": (1, 1)}, "stateful")
+    value = codec.encode(FINGERPRINT, np.array([1]), np.array([0]), np.array([0]), np.array([[1.5]], np.float32))[0]
+    assert value[-4:] == np.float32(1.5).astype("<f4").tobytes()
+
+
+def test_truncated_and_foreign_records_reported():
+    codec = StateCodec(SHAPES, "stateful")
+    good = codec.encode(FINGERPRINT, np.array([1]), np.array([1]), np.array([1]), np.zeros((1, 12), np.float32))[0]
+    window_codec = StateCodec(SHAPES, "window")
+    other = window_codec.encode(FINGERPRINT, np.array([1]), np.array([1]), np.array([1]),
+                                np.zeros((1, 12), np.float32))[0]
+    records, invalid = codec.decode(["ok", "short", "window"], [good, good[:-3], other])
+    assert records.entities == ["ok"]
+    assert sorted(entity for entity, _ in invalid) == ["short", "window"]
+
+
+def test_split_rows_checks_size():
+    codec = StateCodec(SHAPES, "stateful")
+    codec.floats = 13
+    with pytest.raises(StateError):
+        codec.split_rows(np.zeros((1, 13), np.float32))
+
+
+def test_changelog_topic_name():
+    assert changelog_topic("fraud") == "fraud-state-changelog"
