@@ -11,7 +11,7 @@ Processing order, the rule that makes a replay deterministic whatever the broker
 - One round is one engine batch, and outputs are written in the batch's order.
 
 So the output file is ordered by round, then partition, then offset. With ``next-value`` targets an output
-is held back until its target is known; see :class:`NextValueTargets`.
+is written once its target is known; see :class:`NextValueTargets`.
 """
 
 from __future__ import annotations
@@ -184,6 +184,9 @@ async def resolve_ranges(consumer: AIOKafkaConsumer, topics: Sequence[str], star
     selects the partitions it names (with both bounds explicit, the union); an unnamed bound of such a
     partition is ``earliest`` for ``--from`` and ``latest`` for ``--to``.
     """
+    if start.kind == end.kind == "time" and start.timestamp_ms > end.timestamp_ms:
+        raise ConfigError(f"Invalid range: --from {start.describe()} is after --to {end.describe()}; expected "
+                          "--from before --to")
     partitions = [TopicPartition(topic, number) for topic in topics for number in range(partition_counts[topic])]
     named_start = _named_partitions(start, topics) if start.kind == "offsets" else {}
     named_end = _named_partitions(end, topics) if end.kind == "offsets" else {}
@@ -206,7 +209,12 @@ async def resolve_ranges(consumer: AIOKafkaConsumer, topics: Sequence[str], star
         resolved = {}
         for tp in partitions:
             position = named.get(tp, default) if bound.kind == "offsets" else bound.kind
-            resolved[tp] = beginning[tp] if position == "earliest" else ends[tp] if position == "latest" else position
+            if position == "earliest":
+                resolved[tp] = beginning[tp]
+            elif position == "latest":
+                resolved[tp] = ends[tp]
+            else:
+                resolved[tp] = position
         return resolved
 
     starts = await resolve(start, named_start, "earliest")
@@ -218,6 +226,9 @@ async def resolve_ranges(consumer: AIOKafkaConsumer, topics: Sequence[str], star
         if first < beginning[tp]:
             raise ConfigError(f"Invalid --from offset {first} for {name}: the earliest offset still on the broker "
                               f"is {beginning[tp]}; use earliest or an offset from {beginning[tp]}")
+        if first > ends[tp]:
+            raise ConfigError(f"Invalid --from offset {first} for {name}: it is after the end offset {ends[tp]}; "
+                              f"use an offset up to {ends[tp]}")
         if stop > ends[tp]:
             raise ConfigError(f"Invalid --to offset {stop} for {name}: the end offset is {ends[tp]}; use latest "
                               f"or an offset up to {ends[tp]}")
@@ -270,11 +281,10 @@ async def iter_rounds(consumer: AIOKafkaConsumer, ranges: Sequence[PartitionRang
             count = len(taken)
             columns.topics.extend([r.topic] * count)
             columns.partitions.extend([r.partition] * count)
-            for record in taken:
-                columns.offsets.append(record.offset)
-                columns.timestamps_ms.append(record.timestamp)
-                columns.keys.append(record.key)
-                columns.values.append(record.value)
+            columns.offsets.extend([record.offset for record in taken])
+            columns.timestamps_ms.extend([record.timestamp for record in taken])
+            columns.keys.extend([record.key for record in taken])
+            columns.values.extend([record.value for record in taken])
             if buffers[r.tp] or fetched_to[r.tp] < r.end:
                 still_active.append(r)
         active = still_active
@@ -294,8 +304,9 @@ async def _fill_buffers(consumer: AIOKafkaConsumer, active: Sequence[PartitionRa
         fetched = await consumer.getmany(*needing, timeout_ms=200)
         for tp, records in fetched.items():
             end = ends[tp]
-            kept = [record for record in records if record.offset < end] if records[-1].offset >= end else records
-            buffers[tp].extend(kept)
+            if records and records[-1].offset >= end:
+                records = [record for record in records if record.offset < end]
+            buffers[tp].extend(records)
         progressed = bool(fetched)
         for tp in needing:
             position = await consumer.position(tp)
@@ -350,39 +361,39 @@ OutputRecord = tuple[int, bytes, bytes]  # (output partition, key, value)
 class NextValueTargets:
     """Set each output's ``target`` to feature ``K`` of the same entity's next event in the replay.
 
-    An output is held until the entity's next applied event is processed. When that event has
-    ``reset: true`` it starts a new sequence, so the held output is released without a target, as is the
+    An output is pending until the entity's next applied event is processed. When that event has
+    ``reset: true`` it starts a new sequence, so the pending output is released without a target, as is the
     output of each entity's last event in the range (at :meth:`finish`). Outputs without a target count as
-    unscored in the report. Held outputs are released in the order of the event that released them, and
+    unscored in the report. Pending outputs are released in the order of the event that released them, and
     :meth:`finish` releases the rest in the order of each entity's last event, so the order is deterministic.
     """
 
     def __init__(self, feature_index: int) -> None:
         self.feature_index = feature_index
-        self._held: dict[str, OutputRecord] = {}
+        self._pending: dict[str, OutputRecord] = {}
 
     def release(self, batch: EventBatch, encoded: Sequence[tuple[int, OutputRecord]]) -> list[OutputRecord]:
-        """Hold the outputs of ``batch`` and return those whose target became known."""
+        """Keep the outputs of ``batch`` pending and return the earlier ones whose target became known."""
         values = batch.features[:, self.feature_index]
         released = []
         for position, record in encoded:
             entity = batch.entities[position]
-            held = self._held.pop(entity, None)
-            if held is not None:
+            pending = self._pending.pop(entity, None)
+            if pending is not None:
                 if batch.resets[position]:
-                    released.append(held)
+                    released.append(pending)
                 else:
                     # str() of a float32 is its shortest round-trip text, so 2.3 stays 2.3 in the output.
                     target = float(str(values[position]))
-                    partition, key, value = held
+                    partition, key, value = pending
                     released.append((partition, key, value[:-1] + b',"target":' + orjson.dumps(target) + b"}"))
-            self._held[entity] = record
+            self._pending[entity] = record
         return released
 
     def finish(self) -> list[OutputRecord]:
-        """Release the outputs still held, without a target."""
-        held, self._held = list(self._held.values()), {}
-        return held
+        """Release the outputs still pending, without a target."""
+        pending, self._pending = list(self._pending.values()), {}
+        return pending
 
 
 class _FileSink:
@@ -411,7 +422,7 @@ class _TopicSink(_FileSink):
         self._producer = producer
         self._topic = topic
         self._dead = dead_letter_path.open("wb")
-        self.kept: list[bytes] | None = [] if keep else None
+        self.produced_values: list[bytes] | None = [] if keep else None
 
     async def write(self, records: Sequence[OutputRecord]) -> None:
         if not records:
@@ -421,8 +432,8 @@ class _TopicSink(_FileSink):
             await asyncio.gather(*futures)
         except KafkaError as error:
             raise BrokerError(f"Producing {len(records)} outputs to {self._topic} failed: {error!r}") from error
-        if self.kept is not None:
-            self.kept.extend(value for _, _, value in records)
+        if self.produced_values is not None:
+            self.produced_values.extend(value for _, _, value in records)
 
     async def close(self) -> None:
         self._dead.close()
@@ -438,7 +449,7 @@ class TopicBacktestResult(BacktestResult):
     ranges: list[PartitionRange] = field(default_factory=list)
     output_topic: str | None = None
     semantics: str = "stateful"
-    output_values: list[bytes] | None = None  # the outputs when they went to a topic and were kept
+    output_values: list[bytes] | None = None  # outputs produced to a topic, with keep_topic_outputs
 
     def as_dict(self) -> dict[str, Any]:
         return {**super().as_dict(), "output_topic": self.output_topic, "semantics": self.semantics,
@@ -447,7 +458,7 @@ class TopicBacktestResult(BacktestResult):
 
 @dataclass(frozen=True)
 class TopicReplaySpec:
-    """What to replay: the topics, the range and how to reach the broker."""
+    """Topics, offset range and broker address of one replay."""
 
     bootstrap_servers: str
     topics: tuple[str, ...]
@@ -488,6 +499,9 @@ def _check_arguments(spec: TopicReplaySpec, output_path: Path | None, output_top
         raise ConfigError(f"Topics named more than once: {', '.join(spec.topics)}; pass each --topic once")
     if (output_path is None) == (output_topic is None):
         raise ConfigError("Expected exactly one of --output (a file) and --output-topic")
+    for bound in (spec.start, spec.end):
+        if bound.kind == "offsets":
+            _named_partitions(bound, spec.topics)
     if output_topic is not None and output_topic in spec.topics:
         raise ConfigError(f"Invalid --output-topic {output_topic!r}: it is also an input topic; replay outputs "
                           "must go to a topic of their own")
@@ -540,7 +554,7 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
             dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
             sink = _TopicSink(producer, output_topic, dead_letter_path, keep_topic_outputs)
         router = _OutputRouter(input_partitions, output_partitions)
-        logger.info("Replaying %s from %s to %s: %d records in %d partitions", ", ".join(spec.topics),
+        logger.info("Replaying %s from %s to %s: %d offsets in %d partitions", ", ".join(spec.topics),
                     spec.start.describe(), spec.end.describe(), sum(r.size for r in result.ranges),
                     len(result.ranges))
         try:
@@ -549,7 +563,7 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
         finally:
             await sink.close()
         if isinstance(sink, _TopicSink):
-            result.output_values = sink.kept
+            result.output_values = sink.produced_values
     finally:
         await consumer.stop()
         if producer is not None:
@@ -599,11 +613,15 @@ def _encode(batch: EventBatch, step: StepResult, fingerprint: str, records: Roun
         return {"topic": topics[index], "partition": partitions[index], "offset": offsets[index]}
 
     to_encode = dataclasses.replace(batch, targets=None) if strip_targets else batch
-    encoded = []
-    for position, key, value in encode_outputs(to_encode, step, fingerprint, source):
+    encoded = encode_outputs(to_encode, step, fingerprint, source)
+    if not router.routes:
+        return [(position, (0, key, value)) for position, key, value in encoded]
+    keys = records.keys
+    routed = []
+    for position, key, value in encoded:
         index = record_index[position]
-        encoded.append((position, (router(topics[index], partitions[index], records.keys[index], key), key, value)))
-    return encoded
+        routed.append((position, (router(topics[index], partitions[index], keys[index], key), key, value)))
+    return routed
 
 
 def _dead_letter_lines(dead: list[DeadLetter], records: Round, result: TopicBacktestResult) -> list[bytes]:
@@ -624,6 +642,7 @@ class _OutputRouter:
     """
 
     def __init__(self, input_partitions: dict[str, int], output_partitions: int | None) -> None:
+        self.routes = output_partitions is not None  # False for a file, where outputs have no partition
         self._partitioner = KeyPartitioner(output_partitions) if output_partitions else None
         self._reuse = {topic for topic, count in input_partitions.items() if count == output_partitions}
 
@@ -641,6 +660,9 @@ async def _start(client: AIOKafkaConsumer | AIOKafkaProducer, role: str, bootstr
     except KafkaError as error:
         raise BrokerError(f"Cannot start the replay {role} at {bootstrap_servers}: {error!r}; check "
                           "--bootstrap-servers and that the broker is running") from error
+    # aiokafka 0.14's consumer without a group starts a task in start() that raises CancelledError out of
+    # stop() when it is cancelled before its first step, so the task gets one event-loop step here.
+    await asyncio.sleep(0)
 
 
 async def _prepare_output_topic(spec: TopicReplaySpec, output_topic: str, allow_existing_output: bool,
