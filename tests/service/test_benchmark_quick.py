@@ -1,0 +1,40 @@
+"""The end-to-end Kafka benchmark in quick mode, against the session broker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+
+SCRIPT = REPO_ROOT / "benchmarks" / "kafka_end_to_end.py"
+
+
+def test_quick_benchmark_one_output_per_event(kafka_bootstrap, tmp_path):
+    results = tmp_path / "kafka_end_to_end.json"
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--loads", "1000,5000",
+                                "--load-seconds", "3", "--bootstrap-servers", kafka_bootstrap,
+                                "--output", str(results)],
+                               capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+    assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
+    report = json.loads(results.read_text())
+    throughput = report["throughput"]
+    assert throughput["events"] == 50_000
+    assert throughput["outputs"] == throughput["events"]
+    assert throughput["distinct_sources"] == throughput["events"]
+    assert throughput["dead_letters"] == 0
+    assert throughput["events_per_s"] > 0
+    assert report["problems"] == []
+    loads = report["latency"][0]["loads"]
+    assert [row["offered_events_per_s"] for row in loads] == [1000, 5000]
+    for row in loads:
+        assert row["kafka_timestamps"]["outputs"] == row["sent"]
+        assert row["kafka_timestamps"]["distinct_sources"] == row["sent"]
+        assert row["service_histogram"]["observations"] == row["sent"]
+        assert row["kafka_timestamps"]["p50_ms"] >= 0
