@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps test test-fast demo bench bench-engine clean
+.PHONY: setup system-deps test test-fast demo bench bench-engine bench-kafka bench-kafka-quick bench-kafka-profile \
+	bench-replay bench-durability fault-harness fault-harness-long clean
 
 setup: $(VENV)/.setup-done
 
@@ -27,7 +28,29 @@ demo: setup
 bench-engine: setup
 	$(PY) benchmarks/engine_throughput.py
 
-bench: bench-engine
+bench-kafka: setup
+	$(PY) benchmarks/kafka_end_to_end.py
+
+bench-kafka-quick: setup
+	$(PY) benchmarks/kafka_end_to_end.py --quick
+
+bench-kafka-profile: setup
+	$(PY) benchmarks/kafka_service_profile.py --output benchmarks/results/kafka_service_profile.txt
+
+bench-replay: setup
+	$(PY) benchmarks/topic_replay.py
+
+bench-durability: setup
+	$(PY) benchmarks/durability.py
+
+# The long form of the fault harness; its short form runs inside `make test`.
+fault-harness-long: setup
+	$(PY) benchmarks/fault_harness.py --kills 50 --guarantee both
+
+fault-harness: setup
+	$(PY) benchmarks/fault_harness.py --short --guarantee both
+
+bench: bench-engine bench-kafka bench-replay bench-durability
 
 clean:
 	rm -rf $(VENV) .pytest_cache out

@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     semantics: Literal["stateful", "window"] = Field("stateful", description="stateful or window")
     seq_len: int | None = Field(None, ge=1, description="window length for window semantics")
     device: str = Field("cpu", description="torch device for the model and the state arena")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's)")
+    torch_threads: int | None = Field(1, ge=1, description="torch intra-op threads; one per process, scale out "
+                                      "with more processes")
     max_entities: int | None = Field(None, ge=1, description="state capacity; least recently used entities are evicted")
     idle_expiry_ms: int | None = Field(None, ge=1, description="expire entities idle this long in event time")
     max_record_bytes: int = Field(1_048_576, ge=1, description="larger records are dead-lettered")

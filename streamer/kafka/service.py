@@ -7,6 +7,8 @@ import logging
 import signal
 import time
 import uuid
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +35,16 @@ from streamer.state.changelog import StateCodec, changelog_topic
 logger = logging.getLogger(__name__)
 
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
+MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
+
+
+@dataclass
+class _InFlightBatch:
+    """Outputs and dead letters handed to the producer, with the future of their acknowledgement."""
+
+    outputs: list[tuple[int, bytes, bytes]]
+    letters: tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]
+    acknowledged: asyncio.Future
 
 
 class RejoinRequired(Exception):
@@ -95,6 +107,7 @@ class StreamerService:
         self._transactional_id = f"{settings.group_id}-{settings.group_instance_id or uuid.uuid4().hex[:12]}"
         self.events_processed = 0
         self._rejoin_reason: str | None = None
+        self._in_flight: deque[_InFlightBatch] = deque()
         self._evictions_seen = 0
         self._expirations_seen = 0
 
@@ -238,6 +251,7 @@ class StreamerService:
         for task in self._restores.values():
             task.cancel()
         self._restores.clear()
+        self._in_flight.clear()
         try:
             if self.checkpointer is not None:
                 await self.checkpointer.abort()
@@ -416,6 +430,7 @@ class StreamerService:
         if self.checkpointer is None:
             return
         try:
+            await self._await_acknowledgements()
             await self.checkpointer.checkpoint(lambda tp: tp in self.consumer.assignment())
         except ProducerFenced as error:
             self.metrics.checkpoint_failures.inc()
@@ -446,8 +461,7 @@ class StreamerService:
             await self._send_in_transaction(outputs, letters)
             self.checkpointer.record_batch(fetched.next_offsets, len(fetched), event_times_ms)
         else:
-            await self._deliver(outputs, letters)
-            self.metrics.observe_latencies(np.maximum(0.0, (time.time() * 1000 - event_times_ms) / 1000.0))
+            await self._send_without_waiting(outputs, letters, event_times_ms)
             self.checkpointer.record_batch(fetched.next_offsets, len(fetched))
         self._record_batch(fetched, result, dead, len(outputs))
 
@@ -504,6 +518,45 @@ class StreamerService:
         # A failed send also fails the transaction's commit, which is where it is handled.
         for future in futures:
             future.add_done_callback(_retrieve_exception)
+
+    async def _send_without_waiting(self, outputs, letters, event_times_ms: np.ndarray) -> None:
+        """Hand a batch to the producer and go on; the next checkpoint waits for its acknowledgement.
+
+        Up to ``MAX_IN_FLIGHT_BATCHES`` batches wait for acknowledgement while the next ones are processed,
+        so the broker round trip is not paid once per batch in series.
+        """
+        settings = self.settings
+        try:
+            futures = await send_records(self.producer, settings.output_topic, outputs)
+            futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
+        except (KafkaError, asyncio.TimeoutError) as error:
+            logger.warning("Sending a batch failed, retrying until acknowledged: %r", error)
+            await self._deliver(outputs, letters)
+            self._observe_latency(event_times_ms)
+            return
+        acknowledged = asyncio.gather(*futures)
+        acknowledged.add_done_callback(lambda done: None if done.cancelled() or done.exception()
+                                       else self._observe_latency(event_times_ms))
+        self._in_flight.append(_InFlightBatch(outputs, letters, acknowledged))
+        while len(self._in_flight) > MAX_IN_FLIGHT_BATCHES:
+            await self._reap_oldest()
+
+    def _observe_latency(self, event_times_ms: np.ndarray) -> None:
+        self.metrics.observe_latencies(np.maximum(0.0, (time.time() * 1000 - event_times_ms) / 1000.0))
+
+    async def _reap_oldest(self) -> None:
+        """Wait for the oldest in-flight batch; if it failed, send it again until it is acknowledged."""
+        entry = self._in_flight.popleft()
+        try:
+            await asyncio.wait_for(asyncio.shield(entry.acknowledged), 2 * self.settings.request_timeout_ms / 1000)
+        except (KafkaError, asyncio.TimeoutError) as error:
+            logger.warning("A batch was not acknowledged (%r); sending it again", error)
+            await self._deliver(entry.outputs, entry.letters)
+
+    async def _await_acknowledgements(self) -> None:
+        """Wait until every in-flight batch is acknowledged: step 1 of an at-least-once checkpoint."""
+        while self._in_flight:
+            await self._reap_oldest()
 
     async def _deliver(self, outputs: list[tuple[int, bytes, bytes]],
                        letters: tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]) -> None:
