@@ -51,7 +51,8 @@ class Settings(BaseSettings):
     checkpoint_interval_ms: int = Field(1000, ge=1, description="checkpoint at least this often")
     checkpoint_events: int = Field(50_000, ge=1, description="checkpoint after this many events")
     model_mismatch: Literal["reset", "fail"] = Field("reset", description="policy for state of another model")
-    snapshot_dir: Path | None = Field(None, description="directory for local state snapshots")
+    snapshot_dir: Path | None = Field(None, description="directory for local state snapshots (off when unset)")
+    snapshot_interval_ms: int = Field(60_000, ge=1, description="write snapshots at most this often")
 
     # Monitoring
     metrics_host: str = Field("127.0.0.1", description="address of the metrics and health HTTP server")

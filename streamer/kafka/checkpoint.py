@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 class Checkpointer:
     """Tracks what the service processed since the last checkpoint and makes it durable.
 
-    At-least-once: outputs are acknowledged batch by batch before anything else; the checkpoint writes the
-    changelog, waits for its acknowledgements and then commits the input offsets. A crash between any two
+    At-least-once: the outputs of every batch are acknowledged before anything else; the checkpoint writes
+    the changelog, waits for its acknowledgements and then commits the input offsets. A crash between any two
     steps replays events whose state is either not in the changelog yet (they are applied again) or already
     in it (the idempotent advance skips them).
 
@@ -77,8 +77,8 @@ class Checkpointer:
     async def checkpoint(self, owned: Callable[[TopicPartition], bool]) -> None:
         """Make everything since the last checkpoint durable.
 
-        1. Outputs acknowledged: at-least-once already awaited them batch by batch; exactly-once holds them
-           in the open transaction.
+        1. Outputs acknowledged: for at-least-once the service waits for every in-flight batch before calling
+           this; exactly-once holds them in the open transaction.
         2. Changelog records for the entities changed since the last checkpoint, and tombstones for the
            entities removed by eviction or expiry, each to the partition their events come from.
         3. Flush: at-least-once waits for the changelog acknowledgements; exactly-once adds the input
@@ -87,9 +87,25 @@ class Checkpointer:
         """
         started = time.perf_counter()
         offsets = {tp: offset for tp, offset in self.pending_offsets.items() if owned(tp)}
-        # Step 2
         await self.begin()
-        futures = await self._write_changelog()
+        written = self.arena.dirty_slots()
+        try:
+            await self._make_durable(offsets, written)
+        except BaseException:
+            # Nothing of this checkpoint is known to be durable: write these states again next time.
+            self.arena.dirty[written[self.arena.occupied[written]]] = True
+            raise
+        if offsets:
+            self.metrics.commits.inc()
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_duration_seconds.observe(time.perf_counter() - started)
+        self.pending_offsets.clear()
+        self.pending_events = 0
+        self._last_checkpoint = time.monotonic()
+
+    async def _make_durable(self, offsets: dict[TopicPartition, int], slots: np.ndarray) -> None:
+        # Step 2
+        futures = await self._write_changelog(slots)
         # Step 3
         if self.exactly_once:
             if offsets:
@@ -105,20 +121,12 @@ class Checkpointer:
             self._observe_transaction_latency()
         elif offsets:
             await asyncio.wait_for(self.consumer.commit(offsets), self.timeout_s)
-        if offsets:
-            self.metrics.commits.inc()
-        self.metrics.checkpoints.inc()
-        self.metrics.checkpoint_duration_seconds.observe(time.perf_counter() - started)
-        self.pending_offsets.clear()
-        self.pending_events = 0
-        self._last_checkpoint = time.monotonic()
 
-    async def _write_changelog(self) -> list[asyncio.Future]:
+    async def _write_changelog(self, slots: np.ndarray) -> list[asyncio.Future]:
         arena = self.arena
         removed = arena.drain_removed()
         if self.changelog_topic is None or self.codec is None:
             return []
-        slots = arena.dirty_slots()
         records: list[tuple[int, bytes, bytes | None]] = []
         if slots.size:
             values = self.codec.encode(self.fingerprint, arena.steps[slots], arena.last_offset[slots],

@@ -39,7 +39,7 @@ class RestoreResult:
 
 async def restore_partition(*, bootstrap_servers: str, topic: str, partition: int, codec: StateCodec,
                             arena: StateArena, fingerprint: str, mismatch_policy: str,
-                            request_timeout_ms: int = 10_000) -> RestoreResult:
+                            request_timeout_ms: int = 10_000, start_offset: int | None = None) -> RestoreResult:
     """Load the latest state of every entity of ``partition`` from the changelog into ``arena``.
 
     Records are read with read_committed up to the end offset found at the start, so states of aborted
@@ -47,6 +47,7 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
     of an entity replaces an earlier one and a tombstone removes it. Records that cannot be decoded are
     skipped and counted (``invalid_record``). A record of another model is skipped and counted
     (``model_mismatch``) under the ``reset`` policy and raises ``StateError`` under ``fail``.
+    ``start_offset`` (from a snapshot) skips the records the snapshot already covers.
     """
     result = RestoreResult(partition)
     started = time.monotonic()
@@ -59,7 +60,11 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
         result.end_offset = (await consumer.end_offsets([tp]))[tp]
-        await consumer.seek_to_beginning(tp)
+        beginning = (await consumer.beginning_offsets([tp]))[tp]
+        if start_offset is not None and start_offset >= beginning:
+            consumer.seek(tp, min(start_offset, result.end_offset))
+        else:
+            await consumer.seek_to_beginning(tp)
         await _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started)
     finally:
         await consumer.stop()

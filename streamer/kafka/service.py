@@ -31,6 +31,7 @@ from streamer.kafka.retry import retry
 from streamer.metrics import MetricsServer, StreamerMetrics
 from streamer.model import RecurrentModel, load_model
 from streamer.state.changelog import StateCodec, changelog_topic
+from streamer.state.snapshot import Snapshot, read_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ class StreamerService:
         self.events_processed = 0
         self._rejoin_reason: str | None = None
         self._in_flight: deque[_InFlightBatch] = deque()
+        self._last_snapshot = time.monotonic()
         self._evictions_seen = 0
         self._expirations_seen = 0
 
@@ -367,10 +369,12 @@ class StreamerService:
         settings = self.settings
         logger.info("Restoring state of %s from %s[%d]", tp, self.changelog_topic, tp.partition)
         try:
+            start_offset = await self._load_snapshot(tp.partition)
             result = await restore_partition(
                 bootstrap_servers=settings.bootstrap_servers, topic=self.changelog_topic, partition=tp.partition,
                 codec=self.codec, arena=self.engine.arena, fingerprint=self.model.fingerprint,
-                mismatch_policy=settings.model_mismatch, request_timeout_ms=settings.request_timeout_ms)
+                mismatch_policy=settings.model_mismatch, request_timeout_ms=settings.request_timeout_ms,
+                start_offset=start_offset)
         except asyncio.CancelledError:
             raise
         except StateError as error:
@@ -396,6 +400,56 @@ class StreamerService:
         logger.info("Restored %s: %d entities from %d records in %.2f s", tp, result.entities, result.records,
                     result.duration_s)
 
+    async def _load_snapshot(self, partition: int) -> int | None:
+        """Load the partition's snapshot into the arena; return the changelog offset to continue from."""
+        if self.settings.snapshot_dir is None:
+            return None
+        snapshot = await asyncio.to_thread(read_snapshot, self.settings.snapshot_dir, self.changelog_topic, partition)
+        if snapshot is None:
+            return None
+        usable = (snapshot.fingerprint == self.model.fingerprint and snapshot.semantics == self.settings.semantics
+                  and snapshot.rows.shape[1:] == (self.codec.floats,))
+        if not usable:
+            logger.info("Ignoring the snapshot of %s[%d]: made by another model or semantics",
+                        self.changelog_topic, partition)
+            return None
+        self.engine.arena.load(snapshot.entities, partition, snapshot.steps, snapshot.last_offsets,
+                               snapshot.last_ts_ms, self.codec.split_rows(snapshot.rows))
+        logger.info("Loaded the snapshot of %s[%d]: %d entities, changelog offsets below %d", self.changelog_topic,
+                    partition, len(snapshot.entities), snapshot.next_offset)
+        return snapshot.next_offset
+
+    async def _maybe_snapshot(self) -> None:
+        """Write one snapshot per owned, restored partition when the snapshot interval has passed.
+
+        Runs right after a checkpoint, when every entity's state equals its latest changelog record. The
+        changelog's read_committed end offset can only lag the records written, so a restore may re-read a
+        few records the snapshot holds, which is harmless, but never skips one it lacks.
+        """
+        settings = self.settings
+        if settings.snapshot_dir is None or self.changelog_topic is None:
+            return
+        if time.monotonic() - self._last_snapshot < settings.snapshot_interval_ms / 1000:
+            return
+        self._last_snapshot = time.monotonic()
+        partitions = sorted({tp.partition for tp in self._assignment if tp not in self._restores})
+        tps = [TopicPartition(self.changelog_topic, partition) for partition in partitions]
+        try:
+            ends = await self.consumer.end_offsets(tps)
+        except (KafkaError, asyncio.TimeoutError) as error:
+            logger.warning("Skipping snapshots: the changelog end offsets are unavailable: %r", error)
+            return
+        arena = self.engine.arena
+        for tp in tps:
+            slots = arena.occupied_slots(tp.partition)
+            snapshot = Snapshot(topic=self.changelog_topic, partition=tp.partition, next_offset=ends[tp],
+                                fingerprint=self.model.fingerprint, semantics=settings.semantics,
+                                created_s=time.time(), entities=[arena.entity_of(slot) for slot in slots.tolist()],
+                                steps=arena.steps[slots], last_offsets=arena.last_offset[slots],
+                                last_ts_ms=arena.last_event_ms[slots], rows=arena.export_rows(slots))
+            await asyncio.to_thread(write_snapshot, settings.snapshot_dir, snapshot)
+        logger.debug("Wrote snapshots of changelog partitions %s", partitions)
+
     # -- the batch ---------------------------------------------------------------------------------------
 
     async def _poll_once(self) -> None:
@@ -410,8 +464,8 @@ class StreamerService:
         async with self._batch_lock:
             if len(fetched):
                 await self._process(fetched)
-            if self.checkpointer.due():
-                await self._checkpoint()
+            if self.checkpointer.due() and await self._checkpoint():
+                await self._maybe_snapshot()
 
     def _hold_back_restoring(self, records: dict[TopicPartition, list]) -> None:
         """Drop fetched records of partitions still being restored and rewind to the first of them.
@@ -425,13 +479,18 @@ class StreamerService:
                 self.consumer.seek(tp, messages[0].offset)
                 logger.info("Held back %d records of %s until its restore completes", len(messages), tp)
 
-    async def _checkpoint(self) -> None:
-        """Run a checkpoint; exactly-once failures require a rejoin, at-least-once ones are retried later."""
+    async def _checkpoint(self) -> bool:
+        """Run a checkpoint and return whether it succeeded.
+
+        Exactly-once failures require a rejoin; at-least-once ones are retried at the next checkpoint.
+        """
         if self.checkpointer is None:
-            return
+            return False
         try:
+            # Step 1 of the checkpoint (outputs acknowledged) for at-least-once.
             await self._await_acknowledgements()
             await self.checkpointer.checkpoint(lambda tp: tp in self.consumer.assignment())
+            return True
         except ProducerFenced as error:
             self.metrics.checkpoint_failures.inc()
             raise RejoinRequired(f"producer fenced: {error!r}") from error
@@ -445,8 +504,9 @@ class StreamerService:
                 # last committed offset. Outputs already produced may be produced again (at-least-once).
                 logger.warning("Commit rejected after a rebalance; the new owner will replay: %r", error)
                 self.checkpointer.pending_offsets.clear()
-                return
+                return False
             logger.warning("Checkpoint failed, retrying at the next one: %r", error)
+            return False
 
     async def _process(self, fetched: FetchedBatch) -> None:
         started = time.perf_counter()

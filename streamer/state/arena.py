@@ -277,7 +277,8 @@ class StateArena:
 
     def export_rows(self, slots: np.ndarray) -> np.ndarray:
         """Copy the rows of ``slots`` into a CPU float32 array of shape (len(slots), floats per entity)."""
-        parts = [self.gather(name, slots).reshape(slots.size, -1) for name in self.row_shapes]
+        parts = [self.gather(name, slots).reshape(slots.size, int(np.prod(shape)))
+                 for name, shape in self.row_shapes.items()]
         return torch.cat(parts, 1).detach().to("cpu", torch.float32).numpy()
 
     def load(self, entities: list[str], partition: int, steps: np.ndarray, last_offsets: np.ndarray,

@@ -222,3 +222,35 @@ def test_model_mismatch_policies(kafka_bootstrap, model_path, tmp_path):
     for output in later:
         first_steps.setdefault(output["entity"], output["step"])
     assert set(first_steps.values()) == {1}  # every entity started again from zero state
+
+
+def test_snapshot_then_changelog_tail(kafka_bootstrap, model_path, tmp_path):
+    topics = names("snap")
+    events = make_events(900)
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:600]))
+    positions_all = None
+    snapshots = tmp_path / "snapshots"
+    settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS,
+                    changelog="true", snapshot_dir=snapshots, snapshot_interval_ms=1, checkpoint_interval_ms=100,
+                    max_batch_events=50, **topics)
+    first = ServiceProcess(tmp_path, **settings)
+    first.wait_ready()
+    wait_for_outputs(first, 600)
+    time.sleep(1)
+    assert first.stop() == 0, first.log()
+    files = sorted(path.name for path in snapshots.iterdir())
+    assert files == [f"{changelog_topic(topics['group_id'])}-{p}.snapshot.npz" for p in range(PARTITIONS)]
+
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[600:]))
+    positions_all = asyncio.run(input_positions(kafka_bootstrap, topics["input_topics"], len(events)))
+    reference, _ = offline(model_path, events)
+    second = ServiceProcess(tmp_path, **settings)
+    try:
+        second.wait_ready()
+        records = read_until_covered(kafka_bootstrap, topics["output_topic"], len(events))
+        log = second.log()
+    finally:
+        assert second.stop() == 0, second.log()
+    assert "Loaded the snapshot" in log
+    check_outputs_match_offline(records, events, positions_all, reference, exactly_once=False)

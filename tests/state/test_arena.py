@@ -139,3 +139,9 @@ def test_export_and_load_round_trip():
     assert other.remove_entities(["a", "zzz"]) == 1
     assert "a" not in other
     assert other.drain_removed() == []
+
+
+def test_export_of_no_slots_is_empty():
+    arena = make_arena()
+    arena.assign(["a"])
+    assert arena.export_rows(np.zeros(0, np.int64)).shape == (0, 12)

@@ -53,3 +53,27 @@ def test_split_rows_checks_size():
 
 def test_changelog_topic_name():
     assert changelog_topic("fraud") == "fraud-state-changelog"
+
+
+def test_snapshot_round_trip_and_age(tmp_path):
+    import time
+
+    from streamer.state.snapshot import Snapshot, read_snapshot, snapshot_path, write_snapshot
+
+    rows = np.arange(24, dtype=np.float32).reshape(2, 12)
+    snapshot = Snapshot(topic="g-state-changelog", partition=3, next_offset=42, fingerprint=FINGERPRINT,
+                        semantics="stateful", created_s=time.time(), entities=["a", "ß-2"],
+                        steps=np.array([1, 2]), last_offsets=np.array([5, 6]), last_ts_ms=np.array([7, 8]), rows=rows)
+    path = write_snapshot(tmp_path, snapshot)
+    assert path == snapshot_path(tmp_path, "g-state-changelog", 3)
+    loaded = read_snapshot(tmp_path, "g-state-changelog", 3)
+    assert loaded.entities == ["a", "ß-2"]
+    assert loaded.next_offset == 42
+    assert np.array_equal(loaded.rows, rows)
+    assert loaded.steps.tolist() == [1, 2]
+    assert read_snapshot(tmp_path, "g-state-changelog", 4) is None
+    snapshot.created_s = time.time() - 13 * 3600
+    write_snapshot(tmp_path, snapshot)
+    assert read_snapshot(tmp_path, "g-state-changelog", 3) is None  # too old to trust compaction
+    path.write_bytes(b"garbage")
+    assert read_snapshot(tmp_path, "g-state-changelog", 3) is None
