@@ -54,7 +54,7 @@ def backtest(
     compare_window: bool = typer.Option(False, help="Also run window semantics and report the divergence."),
     target: str = typer.Option("event", help="With --topic: event (the event's target field) or next-value:K "
                                "(feature K, index or name, of the entity's next event)."),
-    initial_state: str = typer.Option("empty", help="With --topic: state at the range start; only empty exists."),
+    initial_state: str = typer.Option("empty", help="With --topic: empty, changelog:GROUP (a live group's state now) or snapshot:GROUP:DIR."),
     request_timeout_ms: int = typer.Option(30_000, min=1, help="With --topic: timeout of each broker call, in ms."),
 ) -> None:
     """Replay a file or a range of Kafka topics through the engine and write one output per valid event.

@@ -42,11 +42,14 @@ from streamer.io.files import OutputWriter
 from streamer.io.outputs import encode_dead_letter_line, encode_outputs
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.producer import KeyPartitioner, send_records
+from streamer.kafka.restore import restore_partition
 from streamer.model.network import RecurrentModel
+from streamer.state.changelog import StateCodec, changelog_topic
+from streamer.state.snapshot import read_snapshot
 
 logger = logging.getLogger(__name__)
 
-INITIAL_STATES = ("empty",)
+INITIAL_STATES = ("empty", "changelog:GROUP", "snapshot:GROUP:DIR")
 DEFAULT_STALL_TIMEOUT_S = 60.0
 
 # Kafka topic names contain only ASCII letters, digits, '.', '_' and '-', so ':' separates the fields of
@@ -509,8 +512,51 @@ def _check_arguments(spec: TopicReplaySpec, output_path: Path | None, output_top
         raise ConfigError("Missing dead-letter file: a replay to --output-topic writes dead letters to a file")
     if batch_size < 1:
         raise ConfigError(f"Invalid batch size {batch_size}: expected a positive number of records per partition")
-    if initial_state not in INITIAL_STATES:
-        raise ConfigError(f"Invalid --initial-state {initial_state!r}: expected one of {', '.join(INITIAL_STATES)}")
+    parse_initial_state(initial_state)
+
+
+def parse_initial_state(text: str) -> tuple[str, str | None, Path | None]:
+    """Parse ``empty``, ``changelog:GROUP`` or ``snapshot:GROUP:DIR`` into (kind, group, directory)."""
+    kind, _, rest = text.partition(":")
+    if kind == "empty" and not rest:
+        return "empty", None, None
+    if kind == "changelog" and rest:
+        return "changelog", rest, None
+    if kind == "snapshot" and ":" in rest:
+        group, _, directory = rest.partition(":")
+        if group and directory:
+            return "snapshot", group, Path(directory)
+    raise ConfigError(f"Invalid --initial-state {text!r}: expected one of {', '.join(INITIAL_STATES)}")
+
+
+async def load_initial_state(engine: Engine, model: RecurrentModel, spec: TopicReplaySpec, initial_state: str,
+                             semantics: str, input_partitions: dict[str, int]) -> None:
+    """Fill the engine's arena with the states a live service group recorded, read-only.
+
+    ``changelog:GROUP`` reads ``GROUP``'s state changelog as it stands now; ``snapshot:GROUP:DIR`` starts
+    from that group's local snapshots in DIR and reads the changelog after them. Events at or below an
+    entity's last applied offset are then duplicates, so a range that starts where live processing stood
+    continues it exactly.
+    """
+    kind, group, directory = parse_initial_state(initial_state)
+    if kind == "empty":
+        return
+    topic = changelog_topic(group)
+    codec = StateCodec(engine.arena.row_shapes, semantics)
+    for partition in range(input_partitions[spec.topics[0]]):
+        start_offset = None
+        if directory is not None:
+            snapshot = read_snapshot(directory, topic, partition)
+            if snapshot is not None and snapshot.fingerprint == model.fingerprint:
+                engine.arena.load(snapshot.entities, partition, snapshot.steps, snapshot.last_offsets,
+                                  snapshot.last_ts_ms, codec.split_rows(snapshot.rows))
+                start_offset = snapshot.next_offset
+        result = await restore_partition(bootstrap_servers=spec.bootstrap_servers, topic=topic, partition=partition,
+                                         codec=codec, arena=engine.arena, fingerprint=model.fingerprint,
+                                         mismatch_policy="reset", request_timeout_ms=spec.request_timeout_ms,
+                                         start_offset=start_offset)
+        logger.info("Initial state of partition %d from %s: %d entities, %d records", partition, topic,
+                    result.entities, result.records)
 
 
 async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None,
@@ -526,8 +572,7 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
         dead_letter_path = Path(dead_letter_path) if dead_letter_path else \
             output_path.with_name(f"{output_path.stem}.dead-letter.jsonl")
     engine = Engine(model, semantics, capacity=max_entities, idle_expiry_ms=idle_expiry_ms)
-    # NOTE: every replay starts from empty state. A loader of the state as of the range start (from the
-    # state changelog or a snapshot) would fill engine.arena here, selected by --initial-state.
+    await load_initial_state(engine, model, spec, initial_state, semantics, input_partitions)
     result = TopicBacktestResult(output_path=output_path, dead_letter_path=dead_letter_path,
                                  output_topic=output_topic, semantics=semantics)
     consumer = AIOKafkaConsumer(

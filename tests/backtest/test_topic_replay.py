@@ -293,3 +293,52 @@ def test_cli_rejects_output_topic_equal_to_input(kafka_bootstrap, events_topic, 
 
     assert completed.returncode == 2
     assert "also an input topic" in completed.stderr
+
+
+def test_replay_continues_from_live_changelog_state(kafka_bootstrap, model_path, tmp_path):
+    """A replay that starts from a live group's changelog state gives the outputs live processing gives."""
+    topic, group = unique("continue-in"), unique("continue-group")
+    asyncio.run(create_topics(kafka_bootstrap, {topic: 3}))
+    events = make_events(600, 25)
+    asyncio.run(produce(kafka_bootstrap, topic, events[:300]))
+    settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=3, changelog="true",
+                    input_topics=topic, output_topic=unique("continue-out"), dead_letter_topic=unique("dlq"),
+                    group_id=group)
+    first = ServiceProcess(tmp_path, **settings)
+    first.wait_ready()
+    assert len(asyncio.run(read_topic(kafka_bootstrap, settings["output_topic"], 300))) == 300
+    assert first.stop() == 0, first.log()
+
+    asyncio.run(produce(kafka_bootstrap, topic, events[300:]))
+    end_of_first = asyncio.run(_committed(kafka_bootstrap, group, topic))
+    start = ",".join(f"{partition}:{offset}" for partition, offset in sorted(end_of_first.items()))
+    spec = TopicReplaySpec(kafka_bootstrap, (topic,), parse_range_bound(start, "--from"),
+                           parse_range_bound("latest", "--to"))
+    # The same model file as the live group, loaded the same way, so the state fingerprints match.
+    replayed = run_topic_backtest(load_model(model_path), spec, output_path=tmp_path / "continued.jsonl",
+                                  progress=False, initial_state=f"changelog:{group}")
+    assert replayed.outputs == 300
+
+    second = ServiceProcess(tmp_path, **settings)
+    try:
+        second.wait_ready()
+        live = asyncio.run(read_topic(kafka_bootstrap, settings["output_topic"], 600))
+    finally:
+        assert second.stop() == 0, second.log()
+    live_by_source = {(o["source"]["partition"], o["source"]["offset"]): o
+                      for o in (orjson.loads(r.value) for r in live)}
+    for output in read_outputs(tmp_path / "continued.jsonl"):
+        expected = live_by_source[(output["source"]["partition"], output["source"]["offset"])]
+        assert output["step"] == expected["step"]
+        assert abs(output["prediction"][0] - expected["prediction"][0]) < 1e-6
+    assert asyncio.run(_committed(kafka_bootstrap, group, topic)) != end_of_first  # only the live group moved it
+
+
+async def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}

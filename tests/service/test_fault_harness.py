@@ -13,8 +13,8 @@ from tests.conftest import REPO_ROOT
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
 SCRIPT = REPO_ROOT / "benchmarks" / "fault_harness.py"
-# The short form takes about 3 minutes on 2 cores; an exactly-once run can also wait up to 90 s for a
-# transaction of a member that never came back to be aborted by the broker.
+# The short form took 134 s on 2 cores. An exactly-once run can wait up to 90 s more, because the broker aborts
+# the open transaction of a member that never came back only after the transaction timeout.
 TIMEOUT_S = 480
 
 
