@@ -96,13 +96,15 @@ class Engine:
         ring = self.arena.gather("window", slots)
         count = np.where(resets, 0, self.arena.steps[slots])  # events in the window before this one
         rows = np.arange(slots.size)
-        ring[rows, count % seq_len] = torch.from_numpy(features).to(ring.device)
+        ring[torch.from_numpy(rows).to(ring.device), torch.from_numpy(count % seq_len).to(ring.device)] = \
+            torch.from_numpy(features).to(ring.device)
         self.arena.scatter("window", slots, ring)
         lengths = np.minimum(count + 1, seq_len)
         start = np.where(count + 1 <= seq_len, 0, (count + 1) % seq_len)
         order = (start[:, None] + np.arange(seq_len)[None, :]) % seq_len
-        windows = ring[torch.from_numpy(rows)[:, None], torch.from_numpy(order)]
-        return self.model.forward_windows(windows, torch.from_numpy(lengths).to(ring.device))
+        device = ring.device
+        windows = ring[torch.from_numpy(rows).to(device)[:, None], torch.from_numpy(order).to(device)]
+        return self.model.forward_windows(windows, torch.from_numpy(lengths).to(device))
 
     def _advance_metadata(self, slots: np.ndarray, batch: EventBatch, at: np.ndarray) -> np.ndarray:
         arena = self.arena
