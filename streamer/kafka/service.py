@@ -528,6 +528,7 @@ class StreamerService:
     def _output_records(self, fetched: FetchedBatch, batch: EventBatch, result: StepResult
                         ) -> list[tuple[int, bytes, bytes]]:
         topics = fetched.topics
+        keys = fetched.keys
         record_index = batch.record_index.tolist()
         partitions = batch.partitions.tolist()
         offsets = batch.offsets.tolist()
@@ -541,13 +542,11 @@ class StreamerService:
         # Outputs are keyed by entity. With equal partition counts, an input keyed by entity and written with the
         # default partitioner is already on the output's partition number, so that number is reused unhashed.
         reuse = {topic for topic, count in self._input_partitions.items() if count == partitioner.partitions}
-        records = []
-        for position, key, value in encoded:
-            index = record_index[position]
-            keyed_input = fetched.keys[index] is not None and topics[index] in reuse
-            partition = partitions[position] if keyed_input else partitioner(key)
-            records.append((partition, key, value))
-        return records
+        if len(reuse) == len(self._input_partitions) and all(keys):
+            return [(partitions[position], key, value) for position, key, value in encoded]
+        return [(partitions[position] if keys[record_index[position]] and topics[record_index[position]] in reuse
+                 else partitioner(key), key, value)
+                for position, key, value in encoded]
 
     def _dead_letter_records(self, fetched: FetchedBatch, dead: list[DeadLetter]
                              ) -> tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]:
