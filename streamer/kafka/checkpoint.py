@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 class Checkpointer:
     """Tracks what the service processed since the last checkpoint and makes it durable.
 
-    At-least-once: the outputs of every batch are acknowledged before anything else; the checkpoint writes
-    the changelog, waits for its acknowledgements and then commits the input offsets. A crash between any two
+    At-least-once: the outputs of every batch are acknowledged before anything else. Then the checkpoint
+    writes the changelog, waits for its acknowledgements and commits the input offsets. A crash between any two
     steps replays events whose state is either not in the changelog yet (they are applied again) or already
     in it (the idempotent advance skips them).
 
@@ -78,7 +78,7 @@ class Checkpointer:
         """Make everything since the last checkpoint durable.
 
         1. Outputs acknowledged: for at-least-once the service waits for every in-flight batch before calling
-           this; exactly-once holds them in the open transaction.
+           this; exactly-once keeps them in the open transaction.
         2. Changelog records for the entities changed since the last checkpoint, and tombstones for the
            entities removed by eviction or expiry, each to the partition their events come from.
         3. Flush: at-least-once waits for the changelog acknowledgements; exactly-once adds the input

@@ -23,7 +23,7 @@ STALLED_POLLS = 20  # empty polls (500 ms each) below the end offset before a re
 
 @dataclass
 class RestoreResult:
-    """What one partition's restore read and loaded; ``anomalies`` counts each kind of defined fault."""
+    """Counts of one partition's restore; ``anomalies`` counts each kind of defined fault met."""
 
     partition: int
     records: int = 0
@@ -118,7 +118,7 @@ def _apply(latest: dict[bytes, bytes | None], partition: int, result: RestoreRes
         mismatched = [entity for entity, ok in zip(records.entities, matches) if not ok]
         if mismatch_policy == "fail":
             raise StateError(
-                f"Changelog partition {partition} holds state of another model for {len(mismatched)} entities "
+                f"Changelog partition {partition} contains state of another model for {len(mismatched)} entities "
                 f"(first: {mismatched[0]}); start with --model-mismatch reset to discard it")
         result.count("model_mismatch", len(mismatched))
         arena.remove_entities(mismatched, "model_mismatch")

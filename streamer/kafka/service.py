@@ -108,6 +108,7 @@ class StreamerService:
         self._transactional_id = f"{settings.group_id}-{settings.group_instance_id or uuid.uuid4().hex[:12]}"
         self.events_processed = 0
         self._rejoin_reason: str | None = None
+        self._fatal_error: StateError | None = None
         self._in_flight: deque[_InFlightBatch] = deque()
         self._last_snapshot = time.monotonic()
         self._evictions_seen = 0
@@ -181,6 +182,8 @@ class StreamerService:
                     await self._drop_and_rejoin(error)
         finally:
             await self._shutdown()
+        if self._fatal_error is not None:
+            raise self._fatal_error
 
     async def _start_clients(self) -> None:
         settings = self.settings
@@ -378,7 +381,8 @@ class StreamerService:
         except asyncio.CancelledError:
             raise
         except StateError as error:
-            logger.error("Restore of %s failed: %s", tp, error)
+            logger.error("Restore of %s failed, stopping: %s", tp, error)
+            self._fatal_error = error
             self.request_stop()
             return
         except (KafkaError, asyncio.TimeoutError, OSError) as error:

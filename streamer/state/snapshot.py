@@ -91,7 +91,7 @@ def read_snapshot(directory: Path, topic: str, partition: int) -> Snapshot | Non
                                 steps=data["steps"], last_offsets=data["last_offsets"], last_ts_ms=data["last_ts_ms"],
                                 rows=data["rows"])
         if header["version"] != SNAPSHOT_VERSION:
-            raise StateError(f"unsupported snapshot version {header['version']}")
+            raise StateError(f"unsupported snapshot version {header['version']}, expected {SNAPSHOT_VERSION}")
     except (OSError, ValueError, KeyError, StateError) as error:
         logger.warning("Ignoring unreadable snapshot %s: %s", path, error)
         return None
