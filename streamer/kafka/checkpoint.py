@@ -142,7 +142,7 @@ class Checkpointer:
         if not records:
             return []
         self.metrics.changelog_records.inc(len(records))
-        return await send_records(self.producer, self.changelog_topic, records, transactional=self.exactly_once)
+        return await send_records(self.producer, self.changelog_topic, records)
 
     def _observe_transaction_latency(self) -> None:
         if self.pending_event_times_ms:

@@ -30,20 +30,13 @@ class KeyPartitioner:
 
 
 async def send_records(producer: AIOKafkaProducer, topic: str, records: Sequence[tuple[int, bytes, bytes]],
-                       headers: Sequence[list[tuple[str, bytes]]] | None = None, *, transactional: bool = False
-                       ) -> list[asyncio.Future]:
+                       headers: Sequence[list[tuple[str, bytes]]] | None = None) -> list[asyncio.Future]:
     """Append ``(partition, key, value)`` records to record batches and hand them to the producer.
 
     Returns one future per record batch; each resolves when the broker acknowledges that batch. Building
     batches directly avoids the per-record cost of ``AIOKafkaProducer.send``.
-
-    With ``transactional`` set, each record goes through ``send`` instead: in aiokafka 0.14 ``send_batch``
-    does not add the partition to the open transaction, so its records would not be part of it.
+    For a transactional producer, aiokafka adds each batch's partition to the open transaction.
     """
-    if transactional:
-        return [await producer.send(topic, value=value, key=key, partition=partition,
-                                    headers=headers[position] if headers is not None else None)
-                for position, (partition, key, value) in enumerate(records)]
     by_partition: dict[int, list[int]] = defaultdict(list)
     for position, (partition, _, _) in enumerate(records):
         by_partition[partition].append(position)

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_LOG_INTERVAL_S = 10.0
 STALLED_POLLS = 20  # empty polls (500 ms each) below the end offset before a restore stops early
+STABLE_OFFSET_TIMEOUT_S = 120.0  # well above the transaction timeout the service sets (15 s)
 
 
 @dataclass
@@ -59,7 +60,7 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
-        result.end_offset = (await consumer.end_offsets([tp]))[tp]
+        result.end_offset = await _stable_end_offset(consumer, tp, bootstrap_servers, request_timeout_ms)
         beginning = (await consumer.beginning_offsets([tp]))[tp]
         if start_offset is not None and start_offset >= beginning:
             consumer.seek(tp, min(start_offset, result.end_offset))
@@ -70,6 +71,35 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
         await consumer.stop()
     result.duration_s = time.monotonic() - started
     return result
+
+
+async def _stable_end_offset(consumer: AIOKafkaConsumer, tp: TopicPartition, bootstrap_servers: str,
+                             request_timeout_ms: int) -> int:
+    """Wait until no open transaction holds back the partition, then return its end offset.
+
+    A read_committed consumer sees records only below the last stable offset, which an open transaction of
+    a crashed member keeps low until the broker aborts it (after the producer's transaction timeout). States
+    committed above that offset by later owners must be restored too, so the restore reads to the high
+    watermark once the last stable offset has reached it.
+    """
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+                              isolation_level="read_uncommitted", request_timeout_ms=max(request_timeout_ms, 40_000))
+    await reader.start()
+    try:
+        high_watermark = (await reader.end_offsets([tp]))[tp]
+    finally:
+        await reader.stop()
+    deadline = time.monotonic() + STABLE_OFFSET_TIMEOUT_S
+    warned = False
+    while (stable := (await consumer.end_offsets([tp]))[tp]) < high_watermark:
+        if time.monotonic() > deadline:
+            raise asyncio.TimeoutError(f"{tp} stayed behind an open transaction for {STABLE_OFFSET_TIMEOUT_S} s")
+        if not warned:
+            logger.info("Restore of %s waits for an open transaction to end (stable offset %d, end %d)", tp,
+                        stable, high_watermark)
+            warned = True
+        await asyncio.sleep(0.5)
+    return high_watermark
 
 
 async def _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started) -> None:

@@ -36,6 +36,7 @@ from streamer.state.snapshot import Snapshot, read_snapshot, write_snapshot
 logger = logging.getLogger(__name__)
 
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
+TRANSACTION_TIMEOUT_MS = 15_000
 MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
 
 
@@ -194,6 +195,8 @@ class StreamerService:
         )
         if self.exactly_once:
             producer_options["transactional_id"] = self._transactional_id
+            # An abandoned transaction blocks read_committed readers and restores until this timeout ends it.
+            producer_options["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
         self.producer = AIOKafkaProducer(**producer_options)
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
@@ -573,9 +576,8 @@ class StreamerService:
         settings = self.settings
         try:
             await self.checkpointer.begin()
-            futures = await send_records(self.producer, settings.output_topic, outputs, transactional=True)
-            futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1],
-                                          transactional=True)
+            futures = await send_records(self.producer, settings.output_topic, outputs)
+            futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
         except (KafkaError, asyncio.TimeoutError) as error:
             raise RejoinRequired(f"sending in a transaction failed: {error!r}") from error
         # A failed send also fails the transaction's commit, which is where it is handled.
