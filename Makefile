@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps test test-fast demo bench bench-engine bench-kafka bench-kafka-quick bench-kafka-profile \
-	bench-replay bench-durability fault-harness fault-harness-long clean
+	bench-replay bench-durability bench-peers fault-harness fault-harness-long clean
 
 setup: $(VENV)/.setup-done
 
@@ -50,7 +50,11 @@ fault-harness-long: setup
 fault-harness: setup
 	$(PY) benchmarks/fault_harness.py --short --guarantee both
 
-bench: bench-engine bench-kafka bench-replay bench-durability
+bench-peers: setup
+	bash benchmarks/peers/setup-venv.sh
+	$(PY) benchmarks/compare.py
+
+bench: bench-engine bench-kafka bench-replay bench-durability bench-peers
 
 clean:
 	rm -rf $(VENV) .pytest_cache out
