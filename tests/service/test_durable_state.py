@@ -11,6 +11,9 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.structs import OffsetAndMetadata
 
 from streamer.engine import Engine, EventBatch
 from streamer.model import SeedNet, load_model
@@ -254,3 +257,41 @@ def test_snapshot_then_changelog_tail(kafka_bootstrap, model_path, tmp_path):
         assert second.stop() == 0, second.log()
     assert "Loaded the snapshot" in log
     check_outputs_match_offline(records, events, positions_all, reference, exactly_once=False)
+
+
+def test_committed_offset_no_longer_retained(kafka_bootstrap, model_path, tmp_path):
+    topics = names("retention")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(100)))
+    tp = TopicPartition(topics["input_topics"], 0)
+
+    async def commit_then_truncate() -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap, group_id=topics["group_id"],
+                                    enable_auto_commit=False)
+        await consumer.start()
+        try:
+            consumer.assign([tp])
+            await consumer.commit({tp: OffsetAndMetadata(10, "")})
+        finally:
+            await consumer.stop()
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            # Records below 60 are gone, as if retention had deleted them.
+            await admin.delete_records({tp: RecordsToDelete(before_offset=60)})
+        finally:
+            await admin.close()
+
+    asyncio.run(commit_then_truncate())
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                             changelog="true", **topics)
+    try:
+        service.wait_ready()
+        outputs = [orjson.loads(r.value) for r in asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 40))]
+        anomalies = service.metric('streamer_restore_anomalies_total{kind="offsets_not_retained"}')
+        log = service.log()
+    finally:
+        assert service.stop() == 0, service.log()
+    assert anomalies == 1
+    assert "no longer retained" in log
+    assert sorted(output["source"]["offset"] for output in outputs) == list(range(60, 100))
