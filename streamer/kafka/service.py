@@ -347,7 +347,7 @@ class StreamerService:
             self.metrics.rebalances.inc()
         logger.info("Partitions assigned: %s", _format_partitions(assigned))
         if self.changelog_topic is not None and new:
-            # Pause and register before any await, so the fetch loop never sees these partitions unrestored.
+            # Pause and register before any await, so the fetch loop never processes these partitions unrestored.
             self.consumer.pause(*new)
             for tp in new:
                 self._restores[tp] = asyncio.create_task(self._restore(tp),
@@ -478,7 +478,7 @@ class StreamerService:
         """Drop fetched records of partitions still being restored and rewind to the first of them.
 
         Pausing a partition stops new fetches, but a fetch already under way when the partition was assigned
-        can still return its records; applying them before the restore would advance a stale state.
+        can still return its records. Applying them before the restore would advance a stale state.
         """
         for tp in [tp for tp in records if tp in self._restores]:
             messages = records.pop(tp)
