@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from streamer.backtest.progress import EventProgress
 from streamer.engine import Engine
 from streamer.io.events import EventDecoder, EventFormat
 from streamer.io.files import OutputWriter, read_records
@@ -73,7 +74,8 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     show_progress = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
     with OutputWriter(output_path) as writer, result.dead_letter_path.open("wb") as dead_file, \
-            _progress(input_path, show_progress) as advance:
+            EventProgress(f"backtest {input_path.name}", _total_events(input_path, show_progress),
+                          show_progress) as advance:
         for chunk in read_records(input_path, batch_size, model.manifest.feature_names):
             batch, dead = decoder.decode([None] * len(chunk.values), chunk.values, None, chunk.indices)
             step = engine.process(batch)
@@ -95,35 +97,11 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     return result
 
 
-class _progress:
-    """Progress bar with rate and ETA, shown only on a terminal. The context value advances it."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self._enabled = enabled
-        self._path = path
-        self._bar = None
-
-    def __enter__(self):
-        if not self._enabled:
-            return lambda count: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
-            TimeRemainingColumn
-        from rich.text import Text
-
-        class RateColumn(ProgressColumn):
-            def render(self, task) -> Text:
-                return Text(f"{task.speed or 0:,.0f} events/s")
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                             TimeRemainingColumn(), transient=True)
-        total = _count_lines(self._path) if self._path.suffix.lower() in (".jsonl", ".ndjson") else None
-        task = self._bar.add_task(f"backtest {self._path.name}", total=total)
-        self._bar.start()
-        return lambda count: self._bar.advance(task, count)
-
-    def __exit__(self, *exc_info) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+def _total_events(path: Path, counted: bool) -> int | None:
+    """Count the lines of a JSON Lines file for the progress bar; None for other formats or no bar."""
+    if not counted or path.suffix.lower() not in (".jsonl", ".ndjson"):
+        return None
+    return _count_lines(path)
 
 
 def _count_lines(path: Path) -> int:

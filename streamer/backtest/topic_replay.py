@@ -35,6 +35,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from streamer.backtest.file_replay import BacktestResult, event_format_for
+from streamer.backtest.progress import EventProgress
 from streamer.engine import Engine, EventBatch, StepResult
 from streamer.errors import BrokerError, ConfigError
 from streamer.io.events import DeadLetter, EventDecoder
@@ -628,7 +629,8 @@ async def _process_rounds(consumer: AIOKafkaConsumer, engine: Engine, model: Rec
     show_progress = sys.stderr.isatty() if progress is None else progress
     total = sum(r.size for r in result.ranges)
     started = time.perf_counter()
-    with _Progress(f"replay {', '.join(spec.topics)}", total, show_progress) as advance:
+    # The total counts offsets, so transaction markers can leave the bar a little short of full.
+    with EventProgress(f"replay {', '.join(spec.topics)}", total, show_progress) as advance:
         async for records in iter_rounds(consumer, result.ranges, batch_size, spec.stall_timeout_s):
             batch, dead = decoder.decode(records.keys, records.values, records.timestamps_ms, records.offsets,
                                          records.partitions)
@@ -738,35 +740,3 @@ async def _prepare_output_topic(spec: TopicReplaySpec, output_topic: str, allow_
         raise ConfigError(f"Output topic {output_topic!r} already contains {records} records: choose a new topic "
                           "or pass --allow-existing-output to append to it")
     return len(partitions)
-
-
-class _Progress:
-    """Progress bar with rate and ETA, shown only when enabled. The context value advances it."""
-
-    def __init__(self, description: str, total: int, enabled: bool) -> None:
-        self._description = description
-        self._total = total
-        self._enabled = enabled
-        self._bar = None
-
-    def __enter__(self):
-        if not self._enabled:
-            return lambda count: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, \
-            TimeRemainingColumn
-        from rich.text import Text
-
-        class RateColumn(ProgressColumn):
-            def render(self, task) -> Text:
-                return Text(f"{task.speed or 0:,.0f} events/s")
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                             TimeRemainingColumn(), transient=True)
-        # The total counts offsets, so transaction markers can leave the bar a little short of full.
-        task = self._bar.add_task(self._description, total=self._total)
-        self._bar.start()
-        return lambda count: self._bar.advance(task, count)
-
-    def __exit__(self, *exc_info) -> None:
-        if self._bar is not None:
-            self._bar.stop()
