@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
 TRANSACTION_TIMEOUT_MS = 15_000
-MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
+MAX_IN_FLIGHT_BATCHES = 8
+LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often  # at-least-once batches sent but not yet acknowledged, before the loop waits
 
 
 @dataclass
@@ -112,6 +113,7 @@ class StreamerService:
         self._fatal_error: StateError | None = None
         self._in_flight: deque[_InFlightBatch] = deque()
         self._last_snapshot = time.monotonic()
+        self._last_lag_update = 0.0
         self._evictions_seen = 0
         self._expirations_seen = 0
 
@@ -439,6 +441,7 @@ class StreamerService:
         if time.monotonic() - self._last_snapshot < settings.snapshot_interval_ms / 1000:
             return
         self._last_snapshot = time.monotonic()
+        self._last_lag_update = 0.0
         partitions = sorted({tp.partition for tp in self._assignment if tp not in self._restores})
         tps = [TopicPartition(self.changelog_topic, partition) for partition in partitions]
         try:
@@ -468,11 +471,27 @@ class StreamerService:
         self._last_poll = time.monotonic()
         self.metrics.mark_poll()
         fetched = FetchedBatch.from_records(records)
+        if time.monotonic() - self._last_lag_update >= LAG_UPDATE_INTERVAL_S:
+            await self._update_lag()
         async with self._batch_lock:
             if len(fetched):
                 await self._process(fetched)
             if self.checkpointer.due() and await self._checkpoint():
                 await self._maybe_snapshot()
+
+    async def _update_lag(self) -> None:
+        """Export the lag of every assigned partition, idle ones included (high watermark minus position)."""
+        self._last_lag_update = time.monotonic()
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None or tp in self._restores:
+                continue
+            try:
+                # position() waits for an offset lookup when the position is unknown, so it is bounded here.
+                position = await asyncio.wait_for(self.consumer.position(tp), 1.0)
+            except (asyncio.TimeoutError, KafkaError):
+                continue
+            self.metrics.set_consumer_lag(tp.topic, tp.partition, max(0, highwater - position))
 
     def _hold_back_restoring(self, records: dict[TopicPartition, list]) -> None:
         """Drop fetched records of partitions still being restored and rewind to the first of them.
