@@ -24,9 +24,14 @@ output acknowledgement) is read from ``/metrics`` before and after, and its perc
 from the bucket differences as PromQL's ``histogram_quantile`` does. ``--alternative NAME=VALUE`` repeats
 the loads with a second service that has one ``STREAMER_*`` setting changed.
 
+Client floor: the same loads go through ``kafka_passthrough.py`` (the service's consumer and producer settings,
+no decoding, no model), measured the same way, so the latency the Kafka clients and the broker add on this
+machine is known alongside the service's.
+
 ``benchmarks/kafka_service_profile.py`` profiles the same phases with the service in process.
 
 Usage: python benchmarks/kafka_end_to_end.py [--events N] [--load-seconds S] [--quick] [--alternative NAME=VALUE]
+       [--no-floor]
 """
 
 from __future__ import annotations
@@ -497,7 +502,8 @@ async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path
         for alternative in args.alternative:
             name, value = alternative.split("=", 1)
             runs.append(await alternative_run(broker, work_dir, model_path, {name: value}, loads, args, pool))
-        return {"throughput": throughput, "latency": runs}
+        floor = None if args.no_floor else await measure_floor(broker, work_dir, loads, args.load_seconds, pool)
+        return {"throughput": throughput, "latency": runs, "client_floor": floor}
     finally:
         await broker.close()
 
@@ -516,6 +522,46 @@ async def alternative_run(broker: Broker, work_dir: Path, model_path: Path, envi
     if exit_code != 0:
         raise RuntimeError(f"service exited with {exit_code}:\n{service.log_tail()}")
     return {"settings": label, "environment": environment, "throughput": throughput, "loads": rows}
+
+
+async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], seconds: float,
+                        pool: list[tuple[int, bytes, bytes]]) -> list[dict]:
+    """Offer the same loads to ``kafka_passthrough.py``: the latency of the Kafka clients with no processing."""
+    print("Latency floor (aiokafka pass-through, no processing):", flush=True)
+    topics = Topics.unique("floor")
+    await broker.create_topics(topics)
+    log = (work_dir / "passthrough.log").open("wb")
+    process = subprocess.Popen([sys.executable, str(Path(__file__).parent / "kafka_passthrough.py"), broker.bootstrap,
+                                topics.input, topics.output, topics.group], stdout=subprocess.PIPE, stderr=log)
+    try:
+        ready = await asyncio.wait_for(asyncio.to_thread(process.stdout.readline), SERVICE_START_TIMEOUT_S)
+        if ready.strip() != b"ready":
+            raise RuntimeError(f"the pass-through exited with {process.poll()}; see {log.name}")
+        rows = []
+        pool_start = 0
+        for rate in loads:
+            output_start = await broker.end_offsets(topics.output)
+            print(f"  offering {rate:,} events/s for {seconds:g} s ...", flush=True)
+            sent = await paced_load(broker, topics.input, pool, rate, seconds, pool_start)
+            pool_start += sent["sent"]
+            deadline = time.monotonic() + DRAIN_TIMEOUT_S
+            while True:
+                output_end = await broker.end_offsets(topics.output)
+                if sum(output_end.values()) - sum(output_start.values()) >= sent["sent"]:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the pass-through did not produce {sent['sent']} outputs in time")
+                await asyncio.sleep(COMMIT_POLL_S)
+            records = await read_outputs(broker.bootstrap, topics.output, output_start, output_end)
+            rows.append({"offered_events_per_s": rate, **{k: round(v, 1) if isinstance(v, float) else v
+                                                          for k, v in sent.items()},
+                         "kafka_timestamps": {k: round(v, 2) if isinstance(v, float) else v
+                                              for k, v in latency_summary(records).items()}})
+        return rows
+    finally:
+        process.kill()
+        process.wait(10)
+        log.close()
 
 
 def resolve_loads(spec: str, max_events_per_s: int) -> list[int]:
@@ -547,6 +593,12 @@ def format_table(report: dict) -> str:
                          f"| {kafka['outputs']:,} | {kafka.get('p50_ms', float('nan')):.0f} "
                          f"| {kafka.get('p99_ms', float('nan')):.0f} | {kafka.get('max_ms', float('nan')):.0f} "
                          f"| {histogram['p50_ms']} | {histogram['p99_ms']} | {histogram['mean_batch_events']} |")
+    for row in report.get("client_floor") or []:
+        kafka = row["kafka_timestamps"]
+        lines.append(f"| client floor (pass-through) | | {row['offered_events_per_s']:,} "
+                     f"| {row['achieved_events_per_s']:,.0f} | {kafka['outputs']:,} "
+                     f"| {kafka.get('p50_ms', float('nan')):.0f} | {kafka.get('p99_ms', float('nan')):.0f} "
+                     f"| {kafka.get('max_ms', float('nan')):.0f} | | | |")
     return "\n".join(lines)
 
 
@@ -559,8 +611,10 @@ def check_targets(report: dict) -> dict:
     if at_load:
         p99 = at_load[0]["kafka_timestamps"].get("p99_ms")
         histogram_p99 = at_load[0]["service_histogram"]["p99_ms"]
+        floor = [row for row in report.get("client_floor") or [] if row["offered_events_per_s"] == TARGET_P99_LOAD]
         targets["p99_latency"] = {"load_events_per_s": TARGET_P99_LOAD, "target_ms": TARGET_P99_MS,
                                   "measured_ms": p99, "service_histogram_ms": histogram_p99,
+                                  "client_floor_ms": floor[0]["kafka_timestamps"].get("p99_ms") if floor else None,
                                   "met": p99 is not None and p99 <= TARGET_P99_MS
                                   and histogram_p99 is not None and histogram_p99 <= TARGET_P99_MS}
     return targets
@@ -577,12 +631,13 @@ def check_outputs(report: dict) -> list[str]:
                         f"for {throughput['events']} events")
     if throughput["dead_letters"]:
         problems.append(f"throughput phase: {throughput['dead_letters']} dead letters")
-    for run in report["latency"]:
-        for row in run["loads"]:
-            kafka = row["kafka_timestamps"]
-            if not kafka["outputs"] == kafka["distinct_sources"] == row["sent"]:
-                problems.append(f"{run['settings']} at {row['offered_events_per_s']} events/s: {kafka['outputs']} "
-                                f"outputs for {kafka['distinct_sources']} distinct inputs, {row['sent']} sent")
+    phases = [(run["settings"], row) for run in report["latency"] for row in run["loads"]]
+    phases += [("client floor", row) for row in report.get("client_floor") or []]
+    for settings, row in phases:
+        kafka = row["kafka_timestamps"]
+        if not kafka["outputs"] == kafka["distinct_sources"] == row["sent"]:
+            problems.append(f"{settings} at {row['offered_events_per_s']} events/s: {kafka['outputs']} "
+                            f"outputs for {kafka['distinct_sources']} distinct inputs, {row['sent']} sent")
     return problems
 
 
@@ -623,6 +678,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alternative", action="append", default=None, metavar="STREAMER_NAME=VALUE",
                         help="repeat the loads with a service that has this setting changed (repeatable)")
     parser.add_argument("--no-alternative", action="store_true", help="measure the default settings only")
+    parser.add_argument("--no-floor", action="store_true",
+                        help="skip the client floor (the same loads through a pass-through with no processing)")
     parser.add_argument("--quick", action="store_true",
                         help="50,000 events, 5 s per load, no alternative, outputs verified, no results file")
     parser.add_argument("--verify-outputs", action="store_true",
@@ -635,10 +692,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.events = min(args.events, 50_000)
         args.load_seconds = min(args.load_seconds, 5.0)
         args.verify_outputs = True
-    if args.no_alternative or (args.quick and args.alternative is None):
+    if args.no_alternative or args.alternative is None:
         args.alternative = []
-    elif args.alternative is None:
-        args.alternative = ["STREAMER_TORCH_THREADS=1"]
 
     for alternative in args.alternative:
         if "=" not in alternative or not alternative.startswith("STREAMER_"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -19,13 +20,24 @@ from streamer.state.changelog import StateCodec
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class PreparedCheckpoint:
+    """An at-least-once checkpoint captured at one moment: what ``Checkpointer.complete`` makes durable."""
+
+    offsets: dict[TopicPartition, int]
+    slots: np.ndarray
+    records: list[tuple[int, bytes, bytes | None]]
+    started: float
+
+
 class Checkpointer:
     """Tracks what the service processed since the last checkpoint and makes it durable.
 
     At-least-once: the outputs of every batch are acknowledged before anything else. Then the checkpoint
     writes the changelog, waits for its acknowledgements and commits the input offsets. A crash between any two
     steps replays events whose state is either not in the changelog yet (they are applied again) or already
-    in it (the idempotent advance skips them).
+    in it (the idempotent advance skips them). ``prepare`` captures such a checkpoint at one moment and
+    ``complete`` runs its steps, so the service can keep processing while a checkpoint completes.
 
     Exactly-once: one transaction spans everything produced since the last checkpoint: outputs, dead
     letters, changelog records and the input offsets. Consumers that read with read_committed see all of a
@@ -74,55 +86,96 @@ class Checkpointer:
         return (self.pending_events >= self.max_events
                 or time.monotonic() - self._last_checkpoint >= self.interval_s)
 
-    async def checkpoint(self, owned: Callable[[TopicPartition], bool]) -> None:
-        """Make everything since the last checkpoint durable.
+    async def checkpoint(self, owned: Callable[[TopicPartition], bool],
+                         acknowledged: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Make everything since the last checkpoint durable, in four steps.
 
-        1. Outputs acknowledged: for at-least-once the service waits for every in-flight batch before calling
-           this; exactly-once keeps them in the open transaction.
+        1. Outputs acknowledged: at-least-once awaits ``acknowledged`` (every in-flight batch); exactly-once
+           keeps the outputs in the open transaction.
         2. Changelog records for the entities changed since the last checkpoint, and tombstones for the
            entities removed by eviction or expiry, each to the partition their events come from.
         3. Flush: at-least-once waits for the changelog acknowledgements; exactly-once adds the input
            offsets to the transaction.
         4. Commit: at-least-once commits the input offsets; exactly-once commits the transaction.
         """
+        if not self.exactly_once:
+            await self.complete(self.prepare(owned), acknowledged)
+            return
         started = time.perf_counter()
-        offsets = {tp: offset for tp, offset in self.pending_offsets.items() if owned(tp)}
+        offsets = self._take_offsets(owned)
         await self.begin()
         written = self.arena.dirty_slots()
         try:
-            await self._make_durable(offsets, written)
-        except BaseException:
-            # Nothing of this checkpoint is known to be durable: write these states again next time.
-            self.arena.dirty[written[self.arena.occupied[written]]] = True
-            raise
-        if offsets:
-            self.metrics.commits.inc()
-        self.metrics.checkpoints.inc()
-        self.metrics.checkpoint_duration_seconds.observe(time.perf_counter() - started)
-        self.pending_offsets.clear()
-        self.pending_events = 0
-        self._last_checkpoint = time.monotonic()
-
-    async def _make_durable(self, offsets: dict[TopicPartition, int], slots: np.ndarray) -> None:
-        # Step 2
-        futures = await self._write_changelog(slots)
-        # Step 3
-        if self.exactly_once:
+            # Steps 2 and 3. The transaction's commit waits for the changelog records' acknowledgements.
+            records = self._changelog_records(written)
+            if records:
+                await send_records(self.producer, self.changelog_topic, records)
             if offsets:
                 await asyncio.wait_for(self.producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(offset, "") for tp, offset in offsets.items()}, self.group_id),
                     self.timeout_s)
-        elif futures:
-            await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
-        # Step 4
-        if self.exactly_once:
+            # Step 4
             await asyncio.wait_for(self.producer.commit_transaction(), self.timeout_s)
-            self.in_transaction = False
-            self._observe_transaction_latency()
-        elif offsets:
-            await asyncio.wait_for(self.consumer.commit(offsets), self.timeout_s)
+        except BaseException:
+            # Nothing of this checkpoint is known to be durable: write these states again next time.
+            self.arena.dirty[written[self.arena.occupied[written]]] = True
+            raise
+        self.in_transaction = False
+        self._observe_transaction_latency()
+        self._count(offsets, started)
 
-    async def _write_changelog(self, slots: np.ndarray) -> list[asyncio.Future]:
+    def prepare(self, owned: Callable[[TopicPartition], bool]) -> PreparedCheckpoint:
+        """Capture an at-least-once checkpoint without waiting: the offsets and the changed states as of now.
+
+        The states are encoded here, so batches processed while the checkpoint completes change neither its
+        changelog records nor its offsets.
+        """
+        started = time.perf_counter()
+        offsets = self._take_offsets(owned)
+        written = self.arena.dirty_slots()
+        records = self._changelog_records(written)
+        return PreparedCheckpoint(offsets, written, records, started)
+
+    async def complete(self, prepared: PreparedCheckpoint,
+                       acknowledged: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run steps 1 to 4 of an at-least-once checkpoint captured by ``prepare``.
+
+        On failure the captured offsets go back to the pending ones (unless a later batch moved them on) and
+        the captured entities are marked changed, so the next checkpoint covers them again.
+        """
+        try:
+            # Step 1
+            if acknowledged is not None:
+                await acknowledged()
+            # Steps 2 and 3
+            if prepared.records:
+                futures = await send_records(self.producer, self.changelog_topic, prepared.records)
+                await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+            # Step 4
+            if prepared.offsets:
+                await asyncio.wait_for(self.consumer.commit(prepared.offsets), self.timeout_s)
+        except BaseException:
+            self.arena.dirty[prepared.slots[self.arena.occupied[prepared.slots]]] = True
+            for tp, offset in prepared.offsets.items():
+                self.pending_offsets.setdefault(tp, offset)
+            raise
+        self._count(prepared.offsets, prepared.started)
+
+    def _take_offsets(self, owned: Callable[[TopicPartition], bool]) -> dict[TopicPartition, int]:
+        offsets = {tp: offset for tp, offset in self.pending_offsets.items() if owned(tp)}
+        self.pending_offsets.clear()
+        self.pending_events = 0
+        self._last_checkpoint = time.monotonic()
+        return offsets
+
+    def _count(self, offsets: dict[TopicPartition, int], started: float) -> None:
+        if offsets:
+            self.metrics.commits.inc()
+        self.metrics.checkpoints.inc()
+        self.metrics.checkpoint_duration_seconds.observe(time.perf_counter() - started)
+
+    def _changelog_records(self, slots: np.ndarray) -> list[tuple[int, bytes, bytes | None]]:
+        """Encode the states of ``slots`` and tombstones for removed entities; the slots become clean."""
         arena = self.arena
         removed = arena.drain_removed()
         if self.changelog_topic is None or self.codec is None:
@@ -139,10 +192,8 @@ class Checkpointer:
         # their changelog state for the next owner.
         records += [(entity.partition, entity.entity.encode(), None) for entity in removed
                     if entity.reason in ("evicted", "expired") and entity.partition >= 0]
-        if not records:
-            return []
         self.metrics.changelog_records.inc(len(records))
-        return await send_records(self.producer, self.changelog_topic, records)
+        return records
 
     def _observe_transaction_latency(self) -> None:
         if self.pending_event_times_ms:

@@ -23,7 +23,7 @@ from streamer.errors import BrokerError, ConfigError, StateError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.outputs import dead_letter_headers, encode_outputs
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
-from streamer.kafka.checkpoint import Checkpointer
+from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
 from streamer.kafka.fetched import FetchedBatch
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.restore import restore_partition
@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
 TRANSACTION_TIMEOUT_MS = 15_000
-MAX_IN_FLIGHT_BATCHES = 8
-LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often  # at-least-once batches sent but not yet acknowledged, before the loop waits
+MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
+LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often
 
 
 @dataclass
@@ -112,6 +112,7 @@ class StreamerService:
         self._rejoin_reason: str | None = None
         self._fatal_error: StateError | None = None
         self._in_flight: deque[_InFlightBatch] = deque()
+        self._background_checkpoint: asyncio.Task | None = None
         self._last_snapshot = time.monotonic()
         self._last_lag_update = 0.0
         self._evictions_seen = 0
@@ -261,6 +262,7 @@ class StreamerService:
         for task in self._restores.values():
             task.cancel()
         self._restores.clear()
+        await self._cancel_background_checkpoint()
         self._in_flight.clear()
         try:
             if self.checkpointer is not None:
@@ -285,6 +287,8 @@ class StreamerService:
             self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
         for task in self._restores.values():
             task.cancel()
+        # A background checkpoint still running here belongs to a loop that stopped on an error.
+        await self._cancel_background_checkpoint()
         # Step 2
         if self.producer is not None:
             await self._until_deadline(self.producer.flush(), "Producer flush")
@@ -476,8 +480,13 @@ class StreamerService:
         async with self._batch_lock:
             if len(fetched):
                 await self._process(fetched)
-            if self.checkpointer.due() and await self._checkpoint():
-                await self._maybe_snapshot()
+            self._check_background_checkpoint()
+            if self.checkpointer.due():
+                if self.exactly_once or self._snapshot_due():
+                    if await self._checkpoint():
+                        await self._maybe_snapshot()
+                elif self._background_checkpoint is None:
+                    self._start_background_checkpoint()
 
     async def _update_lag(self) -> None:
         """Export the lag of every assigned partition, idle ones included (high watermark minus position)."""
@@ -505,17 +514,61 @@ class StreamerService:
                 self.consumer.seek(tp, messages[0].offset)
                 logger.info("Held back %d records of %s until its restore completes", len(messages), tp)
 
+    def _start_background_checkpoint(self) -> None:
+        """Capture an at-least-once checkpoint now and complete it in a task while the loop goes on.
+
+        The task owns the batches in flight at this moment; batches processed after it belong to the next
+        checkpoint. One runs at a time, and every blocking checkpoint waits for it first.
+        """
+        prepared = self.checkpointer.prepare(lambda tp: tp in self.consumer.assignment())
+        in_flight, self._in_flight = self._in_flight, deque()
+        self._background_checkpoint = asyncio.create_task(self._complete_checkpoint(prepared, in_flight))
+
+    async def _complete_checkpoint(self, prepared: PreparedCheckpoint, in_flight: deque[_InFlightBatch]) -> bool:
+        async def acknowledged() -> None:
+            while in_flight:
+                await self._reap_oldest(in_flight)
+
+        return await self._handle_checkpoint_errors(self.checkpointer.complete(prepared, acknowledged))
+
+    def _check_background_checkpoint(self) -> None:
+        """Forget a finished background checkpoint; an error it did not handle stops the loop here."""
+        task = self._background_checkpoint
+        if task is not None and task.done():
+            self._background_checkpoint = None
+            task.result()
+
+    async def _wait_background_checkpoint(self) -> None:
+        task = self._background_checkpoint
+        if task is not None:
+            self._background_checkpoint = None
+            await task
+
+    async def _cancel_background_checkpoint(self) -> None:
+        task, self._background_checkpoint = self._background_checkpoint, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _snapshot_due(self) -> bool:
+        return (self.settings.snapshot_dir is not None and self.changelog_topic is not None
+                and time.monotonic() - self._last_snapshot >= self.settings.snapshot_interval_ms / 1000)
+
     async def _checkpoint(self) -> bool:
-        """Run a checkpoint and return whether it succeeded.
+        """Run a checkpoint and wait for it; return whether it succeeded.
 
         Exactly-once failures require a rejoin; at-least-once ones are retried at the next checkpoint.
         """
         if self.checkpointer is None:
             return False
+        await self._wait_background_checkpoint()
+        # Step 1 of the checkpoint (outputs acknowledged) for at-least-once.
+        return await self._handle_checkpoint_errors(self.checkpointer.checkpoint(
+            lambda tp: tp in self.consumer.assignment(), self._await_acknowledgements))
+
+    async def _handle_checkpoint_errors(self, checkpoint) -> bool:
         try:
-            # Step 1 of the checkpoint (outputs acknowledged) for at-least-once.
-            await self._await_acknowledgements()
-            await self.checkpointer.checkpoint(lambda tp: tp in self.consumer.assignment())
+            await checkpoint
             return True
         except ProducerFenced as error:
             self.metrics.checkpoint_failures.inc()
@@ -628,9 +681,9 @@ class StreamerService:
     def _observe_latency(self, event_times_ms: np.ndarray) -> None:
         self.metrics.observe_latencies(np.maximum(0.0, (time.time() * 1000 - event_times_ms) / 1000.0))
 
-    async def _reap_oldest(self) -> None:
+    async def _reap_oldest(self, in_flight: deque[_InFlightBatch] | None = None) -> None:
         """Wait for the oldest in-flight batch; if it failed, send it again until it is acknowledged."""
-        entry = self._in_flight.popleft()
+        entry = (self._in_flight if in_flight is None else in_flight).popleft()
         try:
             await asyncio.wait_for(asyncio.shield(entry.acknowledged), 2 * self.settings.request_timeout_ms / 1000)
         except (KafkaError, asyncio.TimeoutError) as error:

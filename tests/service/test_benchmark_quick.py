@@ -20,7 +20,7 @@ def test_quick_benchmark_one_output_per_event(kafka_bootstrap, tmp_path):
     completed = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--loads", "1000,5000",
                                 "--load-seconds", "3", "--bootstrap-servers", kafka_bootstrap,
                                 "--output", str(results)],
-                               capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+                               capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
 
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     report = json.loads(results.read_text())
@@ -38,3 +38,9 @@ def test_quick_benchmark_one_output_per_event(kafka_bootstrap, tmp_path):
         assert row["kafka_timestamps"]["distinct_sources"] == row["sent"]
         assert row["service_histogram"]["observations"] == row["sent"]
         assert row["kafka_timestamps"]["p50_ms"] >= 0
+    floor = report["client_floor"]
+    assert [row["offered_events_per_s"] for row in floor] == [1000, 5000]
+    for row in floor:
+        assert row["kafka_timestamps"]["outputs"] == row["sent"]
+        assert row["kafka_timestamps"]["distinct_sources"] == row["sent"]
+        assert row["kafka_timestamps"]["p99_ms"] >= row["kafka_timestamps"]["p50_ms"] >= 0

@@ -1,0 +1,84 @@
+"""At-least-once checkpoints complete in the background: the loop keeps processing while a commit is pending."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+import pytest
+import torch
+
+from streamer.config import Settings
+from streamer.kafka.service import StreamerService
+from streamer.model import SeedNet
+from tests.service.service_helpers import committed_offsets, create_topics, free_port, produce, read_topic
+
+pytestmark = pytest.mark.kafka
+
+PARTITIONS = 2
+
+
+def events(start: int, count: int) -> list[tuple[bytes, bytes]]:
+    return [(f"e{i % 10}".encode(), orjson.dumps({"features": [i % 7 / 7, 0.5, -0.25, 1.0]}))
+            for i in range(start, start + count)]
+
+
+async def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)
+
+
+def test_processing_continues_while_a_commit_is_pending(kafka_bootstrap, tmp_path):
+    torch.manual_seed(5)
+    model_path = tmp_path / "net.pt"
+    torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
+    suffix = uuid.uuid4().hex[:8]
+    settings = Settings(model=model_path, bootstrap_servers=kafka_bootstrap, input_topics=[f"bg-in-{suffix}"],
+                        output_topic=f"bg-out-{suffix}", dead_letter_topic=f"bg-dlq-{suffix}",
+                        group_id=f"bg-group-{suffix}", topic_partitions=PARTITIONS, checkpoint_interval_ms=100,
+                        request_timeout_ms=30_000, metrics_port=free_port())
+
+    async def scenario() -> None:
+        await create_topics(kafka_bootstrap, {settings.input_topics[0]: PARTITIONS, settings.output_topic: PARTITIONS,
+                                              settings.dead_letter_topic: PARTITIONS})
+        service = StreamerService(settings)
+        running = asyncio.create_task(service.run())
+        await wait_until(lambda: service.consumer is not None and service.readiness()[0])
+
+        # Hold the first commit until released.
+        release = asyncio.Event()
+        commit_calls = []
+        original_commit = service.consumer.commit
+
+        async def held_commit(offsets=None):
+            commit_calls.append(dict(offsets))
+            if len(commit_calls) == 1:
+                await release.wait()
+            await original_commit(offsets)
+
+        service.consumer.commit = held_commit
+        await produce(kafka_bootstrap, settings.input_topics[0], events(0, 200))
+        await wait_until(lambda: service.events_processed >= 200 and commit_calls)
+
+        # The commit is pending (its timeout is 60 s); new events are still processed and their outputs produced.
+        await produce(kafka_bootstrap, settings.input_topics[0], events(200, 300))
+        await wait_until(lambda: service.events_processed >= 500, timeout_s=15)
+        assert len(commit_calls) == 1
+        assert not release.is_set()
+        assert sum(commit_calls[0][tp] for tp in commit_calls[0]) <= 200
+        outputs = await read_topic(kafka_bootstrap, settings.output_topic, 500, timeout_s=30)
+        assert len(outputs) == 500
+
+        # Released, the held checkpoint commits and a later one covers every event.
+        release.set()
+        await wait_until(lambda: len(commit_calls) >= 2 and service._background_checkpoint is None)
+        service.request_stop()
+        await running
+        committed = await committed_offsets(kafka_bootstrap, settings.group_id, settings.input_topics[0], PARTITIONS)
+        assert sum(offset or 0 for offset in committed.values()) == 500
+
+    asyncio.run(scenario())
