@@ -37,6 +37,7 @@ from aiokafka.errors import KafkaError
 from streamer.backtest.file_replay import BacktestResult, event_format_for
 from streamer.backtest.progress import EventProgress
 from streamer.engine import Engine, EventBatch, StepResult
+from streamer.engine.gc_pause import long_lived_frozen
 from streamer.errors import BrokerError, ConfigError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.files import OutputWriter
@@ -604,8 +605,9 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
                     spec.start.describe(), spec.end.describe(), sum(r.size for r in result.ranges),
                     len(result.ranges))
         try:
-            await _process_rounds(consumer, engine, model, sink, router, result, spec, batch_size,
-                                  max_record_bytes, target_feature, progress)
+            with long_lived_frozen():
+                await _process_rounds(consumer, engine, model, sink, router, result, spec, batch_size,
+                                      max_record_bytes, target_feature, progress)
         finally:
             await sink.close()
         if isinstance(sink, _TopicSink):

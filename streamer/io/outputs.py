@@ -34,19 +34,22 @@ def encode_outputs(batch: EventBatch, result: StepResult, fingerprint: str, sour
     ts_column = [None if ts == NO_TIME else ts for ts in batch.ts_ms.tolist()]
     entities = batch.entities
     positions = np.flatnonzero(result.applied).tolist()
+    dumps = orjson.dumps
     with paused_gc():
-        documents = [
-            {"entity": entities[position], "ts": ts_column[position], "step": steps[position],
-             "prediction": predictions[position], "model": fingerprint, "source": source(position)}
-            for position in positions
-        ]
-        if batch.targets is not None:
-            targets = batch.targets
-            for position, document in zip(positions, documents):
-                if targets[position] is not None:
-                    document["target"] = targets[position]
-        return [(position, entities[position].encode(), orjson.dumps(document))
-                for position, document in zip(positions, documents)]
+        if batch.targets is None:
+            return [(position, entities[position].encode(),
+                     dumps({"entity": entities[position], "ts": ts_column[position], "step": steps[position],
+                            "prediction": predictions[position], "model": fingerprint, "source": source(position)}))
+                    for position in positions]
+        targets = batch.targets
+        encoded = []
+        for position in positions:
+            document = {"entity": entities[position], "ts": ts_column[position], "step": steps[position],
+                        "prediction": predictions[position], "model": fingerprint, "source": source(position)}
+            if targets[position] is not None:
+                document["target"] = targets[position]
+            encoded.append((position, entities[position].encode(), dumps(document)))
+        return encoded
 
 
 def kafka_source(topic: str, batch: EventBatch) -> SourceFn:

@@ -19,6 +19,7 @@ from streamer import __version__
 from streamer.backtest.file_replay import event_format_for
 from streamer.config import Settings
 from streamer.engine import Engine, EventBatch, StepResult
+from streamer.engine.gc_pause import long_lived_frozen
 from streamer.errors import BrokerError, ConfigError, StateError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.outputs import dead_letter_headers, encode_outputs
@@ -178,10 +179,11 @@ class StreamerService:
             while not self._stop_requested.is_set():
                 await self._start_clients()
                 try:
-                    while not self._stop_requested.is_set():
-                        await self._poll_once()
-                    # Step 1
-                    await self._final_checkpoint()
+                    with long_lived_frozen():
+                        while not self._stop_requested.is_set():
+                            await self._poll_once()
+                        # Step 1
+                        await self._final_checkpoint()
                 except RejoinRequired as error:
                     await self._drop_and_rejoin(error)
         finally:
