@@ -11,7 +11,7 @@ from typing import Any
 
 from streamer.backtest.progress import EventProgress
 from streamer.engine import Engine
-from streamer.engine.gc_pause import long_lived_frozen
+from streamer.engine.gc_pause import scheduled_collection
 from streamer.io.events import EventDecoder, EventFormat
 from streamer.io.files import OutputWriter, read_records
 from streamer.io.outputs import encode_dead_letter_line, encode_outputs, file_source
@@ -74,7 +74,7 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     result = BacktestResult(output_path=output_path, dead_letter_path=dead_letter_path_for(output_path))
     show_progress = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
-    with long_lived_frozen(), OutputWriter(output_path) as writer, result.dead_letter_path.open("wb") as dead_file, \
+    with scheduled_collection() as collector, OutputWriter(output_path) as writer, result.dead_letter_path.open("wb") as dead_file, \
             EventProgress(f"backtest {input_path.name}", _total_events(input_path, show_progress),
                           show_progress) as advance:
         for chunk in read_records(input_path, batch_size, model.manifest.feature_names):
@@ -91,6 +91,7 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
             result.dead_letters += len(dead)
             result.duplicates += step.duplicates
             advance(len(chunk.values))
+            collector.maybe_collect()
     result.elapsed_s = time.perf_counter() - started
     result.entities = len(engine.arena)
     logger.info("Backtest of %s: %d events, %d outputs, %d dead letters in %.2f s", input_path, result.events,

@@ -37,7 +37,7 @@ from aiokafka.errors import KafkaError
 from streamer.backtest.file_replay import BacktestResult, event_format_for
 from streamer.backtest.progress import EventProgress
 from streamer.engine import Engine, EventBatch, StepResult
-from streamer.engine.gc_pause import long_lived_frozen
+from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.files import OutputWriter
@@ -605,9 +605,8 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
                     spec.start.describe(), spec.end.describe(), sum(r.size for r in result.ranges),
                     len(result.ranges))
         try:
-            with long_lived_frozen():
-                await _process_rounds(consumer, engine, model, sink, router, result, spec, batch_size,
-                                      max_record_bytes, target_feature, progress)
+            await _process_rounds(consumer, engine, model, sink, router, result, spec, batch_size,
+                                  max_record_bytes, target_feature, progress)
         finally:
             await sink.close()
         if isinstance(sink, _TopicSink):
@@ -632,7 +631,8 @@ async def _process_rounds(consumer: AIOKafkaConsumer, engine: Engine, model: Rec
     total = sum(r.size for r in result.ranges)
     started = time.perf_counter()
     # The total counts offsets, so transaction markers can leave the bar a little short of full.
-    with EventProgress(f"replay {', '.join(spec.topics)}", total, show_progress) as advance:
+    with scheduled_collection() as collector, \
+            EventProgress(f"replay {', '.join(spec.topics)}", total, show_progress) as advance:
         async for records in iter_rounds(consumer, result.ranges, batch_size, spec.stall_timeout_s):
             batch, dead = decoder.decode(records.keys, records.values, records.timestamps_ms, records.offsets,
                                          records.partitions)
@@ -646,6 +646,7 @@ async def _process_rounds(consumer: AIOKafkaConsumer, engine: Engine, model: Rec
             result.dead_letters += len(dead)
             result.duplicates += step.duplicates
             advance(len(records))
+            collector.maybe_collect()
         if targets is not None:
             await sink.write(targets.finish())
     result.elapsed_s = time.perf_counter() - started

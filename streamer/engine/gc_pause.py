@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -26,18 +27,38 @@ def paused_gc() -> Iterator[None]:
 
 
 
-@contextmanager
-def long_lived_frozen() -> Iterator[None]:
-    """Collect garbage, then keep every object alive now out of the cyclic collector's reach inside the block.
 
-    Imported modules, the model and the clients live as long as a run. Without this, every full collection
-    traverses them: about 100 ms per collection in the Kafka service on the benchmark machine, which stalls
-    the event loop and costs throughput. Objects created inside the block are collected as usual, and the
-    frozen ones return to the collector at the end.
+class ScheduledCollector:
+    """Runs the cyclic collector at most once per ``interval_s``, when the caller is between batches."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+
+    def maybe_collect(self) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            gc.collect()
+            self._last = now
+
+
+@contextmanager
+def scheduled_collection(interval_s: float = 1.0) -> Iterator[ScheduledCollector]:
+    """Take the cyclic collector off automatic triggering inside the block and let the caller schedule it.
+
+    On entry, garbage is collected and every object alive then (imported modules, the model, the clients)
+    is frozen, so later collections do not traverse it. Without this, a full collection in the Kafka service
+    took about 100 ms on the benchmark machine and could land in the middle of any batch. Inside the block
+    the caller runs ``maybe_collect`` between batches, and reference counting frees everything that is not in
+    a cycle as before. On exit the frozen objects return to the collector and its previous state is restored.
     """
     gc.collect()
     gc.freeze()
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        yield
+        yield ScheduledCollector(interval_s)
     finally:
         gc.unfreeze()
+        if was_enabled:
+            gc.enable()

@@ -19,7 +19,7 @@ from streamer import __version__
 from streamer.backtest.file_replay import event_format_for
 from streamer.config import Settings
 from streamer.engine import Engine, EventBatch, StepResult
-from streamer.engine.gc_pause import long_lived_frozen
+from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError, StateError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.outputs import dead_letter_headers, encode_outputs
@@ -179,9 +179,10 @@ class StreamerService:
             while not self._stop_requested.is_set():
                 await self._start_clients()
                 try:
-                    with long_lived_frozen():
+                    with scheduled_collection() as collector:
                         while not self._stop_requested.is_set():
                             await self._poll_once()
+                            collector.maybe_collect()
                         # Step 1
                         await self._final_checkpoint()
                 except RejoinRequired as error:

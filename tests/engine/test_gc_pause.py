@@ -3,19 +3,37 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
-from streamer.engine.gc_pause import long_lived_frozen, paused_gc
+from streamer.engine.gc_pause import paused_gc, scheduled_collection
 
 
-def test_long_lived_frozen_freezes_then_releases():
+def test_scheduled_collection_freezes_then_releases():
     gc.unfreeze()
     kept = [[index] for index in range(1000)]
 
-    with long_lived_frozen():
+    with scheduled_collection(interval_s=0.0) as collector:
         frozen = gc.get_freeze_count()
+        enabled_inside = gc.isenabled()
+        cycle: list = []
+        cycle.append(cycle)
+        reference = weakref.ref(_Node(cycle))
+        collector.maybe_collect()
+        collected_inside = reference() is None
 
     assert frozen >= len(kept)
+    assert not enabled_inside
+    assert collected_inside
     assert gc.get_freeze_count() == 0
+    assert gc.isenabled()
+
+
+class _Node:
+    """An object in a reference cycle, which only the cyclic collector frees."""
+
+    def __init__(self, payload: list) -> None:
+        self.payload = payload
+        self.me = self
 
 
 def test_paused_gc_restores_the_previous_state():
