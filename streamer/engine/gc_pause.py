@@ -29,7 +29,7 @@ def paused_gc() -> Iterator[None]:
 
 
 class ScheduledCollector:
-    """Runs the cyclic collector at most once per ``interval_s``, when the caller is between batches."""
+    """A schedule for the cyclic collector: ``maybe_collect`` runs a full collection once ``interval_s`` has passed."""
 
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
