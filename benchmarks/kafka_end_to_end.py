@@ -13,15 +13,18 @@ checkpoints (every ``STREAMER_CHECKPOINT_INTERVAL_MS``, 1 s by default), so the 
 to one interval after the last batch.
 
 Latency: the same service then gets paced loads (events/s, ``--loads``; ``half`` is half the measured
-throughput) for ``--load-seconds`` each. Input events carry no ``ts`` field, so the service takes the
+throughput), each for ``--warmup-seconds`` of warm-up and then ``--load-seconds`` measured. Outputs of events
+created during the warm-up count towards the output checks but not the percentiles (their p99 is reported as
+``warmup_p99_ms``). Input events carry no ``ts`` field, so the service takes the
 input record's Kafka timestamp (CreateTime, set by this driver when it appends the record to a batch) as
-the event time and copies it into the output's ``ts``. The per-record latency is the output record's
-CreateTime (set when the service appends it to a producer batch, after inference, before the broker
-acknowledges it and before the offset commit) minus that ``ts``. Both clocks are this machine's, in
-milliseconds. Outputs are read after each load finished, so reading them does not compete for CPU. For
-the same window the service's own histogram ``streamer_end_to_end_latency_seconds`` (event timestamp to
-output acknowledgement) is read from ``/metrics`` before and after, and its percentiles are estimated
-from the bucket differences as PromQL's ``histogram_quantile`` does. ``--alternative NAME=VALUE`` repeats
+the event time and copies it into the output's ``ts``. The output topic uses
+``message.timestamp.type=LogAppendTime``, so the broker stamps each output when it appends it to the log.
+The per-record latency is that LogAppendTime minus ``ts``: from the event's creation until its output is
+in Kafka (before the offset commit). Both clocks are this machine's, in milliseconds. Outputs are read
+after each load finished, so reading them does not compete for CPU. The service's own histogram
+``streamer_end_to_end_latency_seconds`` (event timestamp to output acknowledgement) is read from
+``/metrics`` at the end of the warm-up and after the load, and its percentiles are estimated from the
+bucket differences as PromQL's ``histogram_quantile`` does. ``--alternative NAME=VALUE`` repeats
 the loads with a second service that has one ``STREAMER_*`` setting changed.
 
 Client floor: the same loads go through ``kafka_passthrough.py`` (the service's consumer and producer settings,
@@ -73,6 +76,7 @@ LATENCY_HISTOGRAM = "streamer_end_to_end_latency_seconds"
 TARGET_EVENTS_PER_S = 100_000
 TARGET_P99_MS = 10.0
 TARGET_P99_LOAD = 10_000
+LOG_APPEND_TIME = 1  # ConsumerRecord.timestamp_type of a broker-stamped record (0 is CreateTime)
 # Records per send_records call while filling the input topic, so that acknowledgements are awaited in chunks.
 PREFILL_CHUNK = 65_536
 PRODUCER_BATCH_BYTES = 512 * 1024
@@ -207,8 +211,13 @@ class Broker:
     async def create_topics(self, topics: Topics) -> None:
         # The output topic gets as many partitions as the input, so the service writes each output to its
         # input's partition number instead of hashing the key.
-        await self.admin.create_topics([NewTopic(name, PARTITIONS, 1, topic_configs={"max.message.bytes": str(8 << 20)})
-                                        for name in topics.names])
+        # Outputs get broker-side timestamps: the time each one was appended to the log.
+        size = {"max.message.bytes": str(8 << 20)}
+        await self.admin.create_topics([
+            NewTopic(name, PARTITIONS, 1,
+                     topic_configs={**size, "message.timestamp.type": "LogAppendTime"} if name == topics.output
+                     else size)
+            for name in topics.names])
 
     async def end_offsets(self, topic: str) -> dict[int, int]:
         partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
@@ -379,19 +388,31 @@ def histogram_window(before: str, after: str) -> dict:
     return summary
 
 
-def latency_summary(records: list) -> dict:
-    """Per-record latency (output CreateTime minus the input timestamp copied into ``ts``), in ms."""
+def latency_summary(records: list, measured_from_ms: float = 0.0) -> dict:
+    """Per-record latency (output LogAppendTime minus the input timestamp copied into ``ts``), in ms.
+
+    Counts cover every record; percentiles cover the records whose input was created at or after
+    ``measured_from_ms`` (epoch ms), the end of the warm-up.
+    """
     latencies = np.empty(len(records), np.float64)
+    created = np.empty(len(records), np.float64)
     sources = set()
+    if any(record.timestamp_type != LOG_APPEND_TIME for record in records):
+        raise RuntimeError("output records do not carry LogAppendTime timestamps")
     for index, record in enumerate(records):
         document = orjson.loads(record.value)
+        created[index] = document["ts"]
         latencies[index] = record.timestamp - document["ts"]
         sources.add((document["source"]["partition"], document["source"]["offset"]))
-    summary = {"outputs": len(records), "distinct_sources": len(sources)}
-    if len(records):
+    measured = latencies[created >= measured_from_ms]
+    summary = {"outputs": len(records), "distinct_sources": len(sources), "measured": int(measured.size)}
+    if measured.size:
         for quantile in (50, 90, 99, 99.9):
-            summary[f"p{quantile:g}_ms"] = float(np.percentile(latencies, quantile))
-        summary["max_ms"] = float(latencies.max())
+            summary[f"p{quantile:g}_ms"] = float(np.percentile(measured, quantile))
+        summary["max_ms"] = float(measured.max())
+    warmup = latencies[created < measured_from_ms]
+    if warmup.size:
+        summary["warmup_p99_ms"] = float(np.percentile(warmup, 99))
     return summary
 
 
@@ -418,7 +439,8 @@ async def fill_input(broker: Broker, args: argparse.Namespace, prefix: str) -> t
 
 def load_pool(args: argparse.Namespace, loads: list[int]) -> list[tuple[int, bytes, bytes]]:
     """Return the keyed events that paced loads cycle through, without their ``ts`` field."""
-    keys, values = make_events(min(LOAD_POOL_EVENTS, max(loads) * int(args.load_seconds) + 1), args.entities, seed=1)
+    seconds = args.load_seconds + getattr(args, "warmup_seconds", 0.0)
+    keys, values = make_events(min(LOAD_POOL_EVENTS, int(max(loads) * seconds) + 1), args.entities, seed=1)
     return keyed_records(KeyPartitioner(PARTITIONS), keys, [without_ts(value) for value in values])
 
 
@@ -454,16 +476,28 @@ async def measure_throughput(broker: Broker, work_dir: Path, model_path: Path, a
     return result, service, topics
 
 
+async def warmed_load(broker: Broker, topic: str, pool: list[tuple[int, bytes, bytes]], rate: float,
+                      seconds: float, warmup_s: float, pool_start: int, at_measurement_start=None
+                      ) -> tuple[dict, float, object]:
+    """Offer ``rate`` for ``warmup_s + seconds``; return the load summary, the end of the warm-up (epoch ms)
+    and what ``at_measurement_start`` returned when the warm-up ended."""
+    print(f"  offering {rate:,} events/s for {warmup_s:g} s of warm-up and {seconds:g} s measured ...", flush=True)
+    measured_from_ms = time.time() * 1000 + warmup_s * 1000
+    load = asyncio.create_task(paced_load(broker, topic, pool, rate, warmup_s + seconds, pool_start))
+    await asyncio.sleep(warmup_s)
+    started = await asyncio.to_thread(at_measurement_start) if at_measurement_start else None
+    return await load, measured_from_ms, started
+
+
 async def measure_latency(broker: Broker, service: ServiceProcess, topics: Topics, loads: list[int],
-                          seconds: float, pool: list[tuple[int, bytes, bytes]]) -> list[dict]:
+                          seconds: float, warmup_s: float, pool: list[tuple[int, bytes, bytes]]) -> list[dict]:
     """Offer each load to a running, caught-up service and summarize the latency of its outputs."""
     rows = []
     pool_start = 0
     for rate in loads:
         output_start = await broker.end_offsets(topics.output)
-        before = await asyncio.to_thread(service.metrics_text)
-        print(f"  offering {rate:,} events/s for {seconds:g} s ...", flush=True)
-        sent = await paced_load(broker, topics.input, pool, rate, seconds, pool_start)
+        sent, measured_from_ms, before = await warmed_load(broker, topics.input, pool, rate, seconds, warmup_s,
+                                                           pool_start, service.metrics_text)
         pool_start += sent["sent"]
         produced = time.perf_counter()
         input_ends = await broker.end_offsets(topics.input)
@@ -475,7 +509,7 @@ async def measure_latency(broker: Broker, service: ServiceProcess, topics: Topic
                                                 for k, v in sent.items()},
                "drain_seconds_after_last_send": round(done - produced, 3),
                "kafka_timestamps": {k: round(v, 2) if isinstance(v, float) else v
-                                    for k, v in latency_summary(records).items()},
+                                    for k, v in latency_summary(records, measured_from_ms).items()},
                "service_histogram": histogram_window(before, after)}
         rows.append(row)
     return rows
@@ -497,7 +531,8 @@ async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path
 
         print("Latency with default settings:", flush=True)
         try:
-            default_rows = await measure_latency(broker, service, topics, loads, args.load_seconds, pool)
+            default_rows = await measure_latency(broker, service, topics, loads, args.load_seconds,
+                                                 args.warmup_seconds, pool)
         finally:
             exit_code = service.stop()
         if exit_code != 0:
@@ -507,7 +542,8 @@ async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path
         for alternative in args.alternative:
             name, value = alternative.split("=", 1)
             runs.append(await alternative_run(broker, work_dir, model_path, {name: value}, loads, args, pool))
-        floor = None if args.no_floor else await measure_floor(broker, work_dir, loads, args.load_seconds, pool)
+        floor = None if args.no_floor else await measure_floor(broker, work_dir, loads, args.load_seconds,
+                                                               args.warmup_seconds, pool)
         return {"throughput": throughput, "latency": runs, "client_floor": floor}
     finally:
         await broker.close()
@@ -521,7 +557,7 @@ async def alternative_run(broker: Broker, work_dir: Path, model_path: Path, envi
     throughput, service, topics = await measure_throughput(broker, work_dir, model_path, args, environment)
     print_throughput(throughput)
     try:
-        rows = await measure_latency(broker, service, topics, loads, args.load_seconds, pool)
+        rows = await measure_latency(broker, service, topics, loads, args.load_seconds, args.warmup_seconds, pool)
     finally:
         exit_code = service.stop()
     if exit_code != 0:
@@ -529,7 +565,7 @@ async def alternative_run(broker: Broker, work_dir: Path, model_path: Path, envi
     return {"settings": label, "environment": environment, "throughput": throughput, "loads": rows}
 
 
-async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], seconds: float,
+async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], seconds: float, warmup_s: float,
                         pool: list[tuple[int, bytes, bytes]]) -> list[dict]:
     """Offer the same loads to ``kafka_passthrough.py``: the latency of the Kafka clients with no processing."""
     print("Latency floor (aiokafka pass-through, no processing):", flush=True)
@@ -546,8 +582,8 @@ async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], second
         pool_start = 0
         for rate in loads:
             output_start = await broker.end_offsets(topics.output)
-            print(f"  offering {rate:,} events/s for {seconds:g} s ...", flush=True)
-            sent = await paced_load(broker, topics.input, pool, rate, seconds, pool_start)
+            sent, measured_from_ms, _ = await warmed_load(broker, topics.input, pool, rate, seconds, warmup_s,
+                                                          pool_start)
             pool_start += sent["sent"]
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             while True:
@@ -561,7 +597,7 @@ async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], second
             rows.append({"offered_events_per_s": rate, **{k: round(v, 1) if isinstance(v, float) else v
                                                           for k, v in sent.items()},
                          "kafka_timestamps": {k: round(v, 2) if isinstance(v, float) else v
-                                              for k, v in latency_summary(records).items()}})
+                                              for k, v in latency_summary(records, measured_from_ms).items()}})
         return rows
     finally:
         process.kill()
@@ -679,7 +715,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--entities", type=int, default=10_000, help="distinct entities (Kafka keys)")
     parser.add_argument("--loads", default="1000,10000,half",
                         help="comma-separated offered loads in events/s; 'half' is half the measured throughput")
-    parser.add_argument("--load-seconds", type=float, default=20.0, help="duration of each offered load, in s")
+    parser.add_argument("--load-seconds", type=float, default=20.0,
+                        help="measured duration of each offered load, in s, after the warm-up")
+    parser.add_argument("--warmup-seconds", type=float, default=2.0,
+                        help="start of each load left out of the percentiles and the histogram window, in s")
     parser.add_argument("--alternative", action="append", default=None, metavar="STREAMER_NAME=VALUE",
                         help="repeat the loads with a service that has this setting changed (repeatable)")
     parser.add_argument("--no-alternative", action="store_true", help="measure the default settings only")
@@ -696,6 +735,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.events = min(args.events, 50_000)
         args.load_seconds = min(args.load_seconds, 5.0)
+        args.warmup_seconds = min(args.warmup_seconds, 1.0)
         args.verify_outputs = True
     if args.no_alternative or args.alternative is None:
         args.alternative = []
@@ -730,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": info, "command": "python " + " ".join(sys.argv),
               "date": time.strftime("%Y-%m-%d"), "model": {"input": INPUT, "hidden": HIDDEN, "layers": LAYERS,
                                                           "output": OUTPUT},
-              "latency_definition": "output record CreateTime minus input record CreateTime (copied by the "
+              "latency_definition": "output record LogAppendTime minus input record CreateTime (copied by the "
                                     "service into the output's ts), in ms. service_histogram is "
                                     f"{LATENCY_HISTOGRAM} (input timestamp to output acknowledgement) over "
                                     "the same window",

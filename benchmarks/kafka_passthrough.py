@@ -1,11 +1,11 @@
 """The latency floor of the Kafka clients: consume events and produce one small record per event, nothing else.
 
-The same client settings as the service (aiokafka consumer in a group, idempotent producer with acks=all and
-``linger_ms=2``, record batches built with ``send_records``), no decoding and no model. Each output carries the
-input's timestamp as ``ts`` and its ``source``, as the service's outputs do, so the benchmark measures both
+The same client settings as the service (aiokafka consumer in a group, idempotent producer with acks=all and the
+service's default ``linger_ms`` unless given, record batches built with ``send_records``), no decoding and no
+model. Each output carries the input's timestamp as ``ts`` and its ``source``, as the service's outputs do, so the benchmark measures both
 with the same code. Prints ``ready`` once partitions are assigned; runs until killed.
 
-Usage: python benchmarks/kafka_passthrough.py BOOTSTRAP INPUT_TOPIC OUTPUT_TOPIC GROUP
+Usage: python benchmarks/kafka_passthrough.py BOOTSTRAP INPUT_TOPIC OUTPUT_TOPIC GROUP [LINGER_MS]
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ import sys
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from streamer.config import Settings
 from streamer.kafka.producer import send_records
 
 
-async def passthrough(bootstrap: str, input_topic: str, output_topic: str, group: str) -> None:
+async def passthrough(bootstrap: str, input_topic: str, output_topic: str, group: str, linger_ms: int) -> None:
     consumer = AIOKafkaConsumer(input_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
                                 auto_offset_reset="latest", fetch_max_wait_ms=20, max_poll_records=4096)
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=2)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                                linger_ms=linger_ms)
     await consumer.start()
     await producer.start()
     announced = False
@@ -40,4 +42,4 @@ async def passthrough(bootstrap: str, input_topic: str, output_topic: str, group
 
 
 if __name__ == "__main__":
-    asyncio.run(passthrough(*sys.argv[1:5]))
+    asyncio.run(passthrough(*sys.argv[1:5], int(sys.argv[5]) if len(sys.argv) > 5 else Settings().linger_ms))

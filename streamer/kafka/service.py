@@ -195,7 +195,8 @@ class StreamerService:
     async def _start_clients(self) -> None:
         settings = self.settings
         producer_options = dict(
-            bootstrap_servers=settings.bootstrap_servers, enable_idempotence=True, acks="all", linger_ms=2,
+            bootstrap_servers=settings.bootstrap_servers, enable_idempotence=True, acks="all",
+            linger_ms=settings.linger_ms,
             max_batch_size=1 << 20, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
             request_timeout_ms=settings.request_timeout_ms,
         )
