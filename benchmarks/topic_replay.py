@@ -32,6 +32,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from streamer.backtest.topic_replay import TopicReplaySpec, run_topic_backtest
 from streamer.data.synthetic import iter_event_batches
 from streamer.engine import Engine
+from streamer.engine.gc_pause import scheduled_collection
 from streamer.io.events import EventDecoder, EventFormat
 from streamer.io.outputs import encode_outputs
 from streamer.kafka.local_broker import LocalKafka
@@ -87,15 +88,19 @@ def run_in_process(model: RecurrentModel, values: list[bytes], batch_size: int) 
     engine = Engine(model)
     decoder = EventDecoder(EventFormat(input_size=INPUT))
     keys = entity_keys(values)
-    started = time.perf_counter()
-    for start in range(0, len(values), batch_size):
-        chunk = values[start:start + batch_size]
-        batch, _ = decoder.decode(keys[start:start + batch_size], chunk, None, np.arange(start, start + len(chunk)))
-        result = engine.process(batch)
-        offsets = batch.offsets.tolist()
-        encode_outputs(batch, result, model.fingerprint,
-                       lambda p: {"topic": "events", "partition": 0, "offset": offsets[p]})
-    return len(values) / (time.perf_counter() - started)
+    # The collector runs as in the replay: once a second, between batches.
+    with scheduled_collection() as collector:
+        started = time.perf_counter()
+        for start in range(0, len(values), batch_size):
+            chunk = values[start:start + batch_size]
+            batch, _ = decoder.decode(keys[start:start + batch_size], chunk, None,
+                                      np.arange(start, start + len(chunk)))
+            result = engine.process(batch)
+            offsets = batch.offsets.tolist()
+            encode_outputs(batch, result, model.fingerprint,
+                           lambda p: {"topic": "events", "partition": 0, "offset": offsets[p]})
+            collector.maybe_collect()
+        return len(values) / (time.perf_counter() - started)
 
 
 def machine() -> dict:
