@@ -9,15 +9,18 @@ The replay rate is events over the time of the replay loop: fetching, decoding, 
 writing the file. It leaves out connecting and resolving the range, which the "with setup" rate includes.
 
 Usage: python benchmarks/topic_replay.py [--quick] [--events N] [--entities N] [--partitions N]
-       [--batch-size N] [--bootstrap-servers HOST:PORT]
+       [--batch-size N] [--bootstrap-servers HOST:PORT] [--profile PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import io
 import json
 import platform
+import pstats
 import sys
 import tempfile
 import time
@@ -103,6 +106,21 @@ def run_in_process(model: RecurrentModel, values: list[bytes], batch_size: int) 
         return len(values) / (time.perf_counter() - started)
 
 
+def profile_replay(model: RecurrentModel, bootstrap: str, topic: str, output: Path, batch_size: int,
+                   report_path: Path) -> None:
+    """Replay the topic under cProfile and write the 30 functions with the most time of their own."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    result = run_topic_backtest(model, TopicReplaySpec(bootstrap, (topic,)), output_path=output,
+                                batch_size=batch_size, progress=False)
+    profiler.disable()
+    text = io.StringIO()
+    text.write(f"Replay of {result.events:,} events under cProfile: {result.elapsed_s:.2f} s\n\n")
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    report_path.write_text(text.getvalue())
+    print(f"wrote {report_path}")
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -127,6 +145,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4096, help="records per partition per engine batch")
     parser.add_argument("--repeats", type=int, default=None, help="replays of the topic (default 3, quick 1)")
     parser.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting one")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="also replay once more under cProfile and write the top functions to this file")
     args = parser.parse_args()
     n_events = args.events or (100_000 if args.quick else 500_000)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -154,6 +174,9 @@ def main() -> None:
                     raise RuntimeError(f"expected {n_events} outputs, got {result.outputs}")
                 replays.append({"events_per_s": round(result.events_per_s), "elapsed_s": round(result.elapsed_s, 2),
                                 "with_setup_events_per_s": round(n_events / wall_s)})
+            if args.profile is not None:
+                profile_replay(model, bootstrap, topic, Path(work) / "replay-profiled.jsonl", args.batch_size,
+                               args.profile)
         finally:
             if broker is not None:
                 broker.stop()
