@@ -32,10 +32,8 @@ import cProfile
 import io
 import json
 import os
-import platform
 import pstats
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -50,8 +48,8 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+import kafka_end_to_end as e2e
 from streamer.data.synthetic import iter_event_batches
-from streamer.kafka.jars import DEFAULT_KAFKA_VERSION
 from streamer.kafka.local_broker import LocalKafka
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.restore import restore_partition
@@ -84,17 +82,11 @@ PROFILE_LINES = 25
 # -- service process -------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServiceProcess:
     """``python -m streamer run`` configured through ``STREAMER_*`` variables."""
 
     def __init__(self, work_dir: Path, name: str, environment: dict[str, str]) -> None:
-        self.metrics_port = free_port()
+        self.metrics_port = e2e.free_port()
         self.log_path = work_dir / f"service-{name}.log"
         env = {**os.environ, "STREAMER_METRICS_PORT": str(self.metrics_port), "STREAMER_LOG_LEVEL": "INFO",
                "STREAMER_TORCH_THREADS": "1", **environment}
@@ -400,27 +392,6 @@ async def measure_restore(broker: Broker, work_dir: Path, model_path: Path, args
 # -- report ----------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import aiokafka
-
-    def git(*arguments: str) -> str:
-        completed = subprocess.run(["git", *arguments], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return completed.stdout.rstrip("\n") if completed.returncode == 0 else ""
-
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "aiokafka": aiokafka.__version__,
-            "kafka": DEFAULT_KAFKA_VERSION, "load_average_at_start": os.getloadavg(),
-            "git": {"commit": git("rev-parse", "HEAD"),
-                    "modified_files": [line[3:] for line in
-                                       git("status", "--porcelain", "--untracked-files=no").splitlines()]}}
-
-
 def format_tables(report: dict) -> str:
     throughput = report["throughput"]
     lines = [f"Throughput ({throughput['events']:,} events, {throughput['entities']:,} entities, "
@@ -486,7 +457,7 @@ async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    info = machine_info()
+    info = e2e.machine_info()
     with tempfile.TemporaryDirectory(prefix="streamer-durability-") as temporary:
         work_dir = Path(temporary)
         broker = None

@@ -42,9 +42,7 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,8 +59,8 @@ import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+import kafka_end_to_end as e2e
 from streamer.engine import Engine, EventBatch
-from streamer.kafka.jars import DEFAULT_KAFKA_VERSION
 from streamer.kafka.local_broker import LocalKafka
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.model import SeedNet, load_model
@@ -99,12 +97,6 @@ SERVICE_SETTINGS = {
 # -- service processes -----------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class Topics:
     input: str
@@ -124,7 +116,7 @@ class Member:
 
     def __init__(self, name: str, incarnation: int, work_dir: Path, environment: dict[str, str]) -> None:
         self.name = name
-        self.metrics_port = free_port()
+        self.metrics_port = e2e.free_port()
         self.log_path = work_dir / f"{name}-{incarnation}.log"
         self.started = time.monotonic()
         self.expected_exit = False
@@ -793,29 +785,6 @@ def check_requirements(run: dict, exactly_once: bool) -> dict:
 # -- report ----------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict:
-    cpu = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    import aiokafka
-
-    return {"cpu": cpu, "cores": os.cpu_count(),
-            "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "aiokafka": aiokafka.__version__,
-            "kafka": DEFAULT_KAFKA_VERSION, "git": git_state()}
-
-
-def git_state() -> dict:
-    def git(*arguments: str) -> str:
-        completed = subprocess.run(["git", *arguments], capture_output=True, text=True, cwd=Path(__file__).parent)
-        return completed.stdout.rstrip("\n") if completed.returncode == 0 else ""
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "modified_files": changed}
-
-
 RECOVERY_DEFINITION = (
     "recovery_s: from the SIGKILL of a member until the first offset sample (every "
     f"{MONITOR_INTERVAL_S} s) in which every input partition's committed offset is above its value sampled "
@@ -943,7 +912,7 @@ async def run_all(args: argparse.Namespace, bootstrap: str, work_dir: Path) -> l
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
-    info = machine_info()
+    info = e2e.machine_info()
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="streamer-fault-harness-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     broker = None
