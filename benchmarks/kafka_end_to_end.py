@@ -56,6 +56,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import orjson
@@ -477,16 +478,19 @@ async def measure_throughput(broker: Broker, work_dir: Path, model_path: Path, a
 
 
 async def warmed_load(broker: Broker, topic: str, pool: list[tuple[int, bytes, bytes]], rate: float,
-                      seconds: float, warmup_s: float, pool_start: int, at_measurement_start=None
-                      ) -> tuple[dict, float, object]:
-    """Offer ``rate`` for ``warmup_s + seconds``; return the load summary, the end of the warm-up (epoch ms)
-    and what ``at_measurement_start`` returned when the warm-up ended."""
+                      seconds: float, warmup_s: float, pool_start: int,
+                      read_metrics: Callable[[], str] | None = None) -> tuple[dict, float, str | None]:
+    """Offer ``rate`` events/s for ``warmup_s + seconds``.
+
+    Returns the load summary, the end of the warm-up in epoch ms, and the output of ``read_metrics`` called
+    when the warm-up ended (None without it).
+    """
     print(f"  offering {rate:,} events/s for {warmup_s:g} s of warm-up and {seconds:g} s measured ...", flush=True)
     measured_from_ms = time.time() * 1000 + warmup_s * 1000
     load = asyncio.create_task(paced_load(broker, topic, pool, rate, warmup_s + seconds, pool_start))
     await asyncio.sleep(warmup_s)
-    started = await asyncio.to_thread(at_measurement_start) if at_measurement_start else None
-    return await load, measured_from_ms, started
+    metrics = await asyncio.to_thread(read_metrics) if read_metrics is not None else None
+    return await load, measured_from_ms, metrics
 
 
 async def measure_latency(broker: Broker, service: ServiceProcess, topics: Topics, loads: list[int],
@@ -591,7 +595,8 @@ async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], second
                 if sum(output_end.values()) - sum(output_start.values()) >= sent["sent"]:
                     break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the pass-through did not produce {sent['sent']} outputs in time")
+                    raise RuntimeError(f"Timed out after {DRAIN_TIMEOUT_S:.0f} s waiting for {sent['sent']:,} "
+                                       f"pass-through outputs; see {log.name}")
                 await asyncio.sleep(COMMIT_POLL_S)
             records = await read_outputs(broker.bootstrap, topics.output, output_start, output_end)
             rows.append({"offered_events_per_s": rate, **{k: round(v, 1) if isinstance(v, float) else v

@@ -26,8 +26,6 @@ def paused_gc() -> Iterator[None]:
             gc.enable()
 
 
-
-
 class ScheduledCollector:
     """A schedule for the cyclic collector: ``maybe_collect`` runs a full collection once ``interval_s`` has passed."""
 

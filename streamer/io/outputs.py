@@ -60,7 +60,7 @@ def _dumps_each(documents: list[dict]) -> list[bytes]:
     pieces = orjson.dumps(documents)[len(_DOCUMENT_START) + 1:-2].split(_SEPARATOR)
     if len(pieces) != len(documents):
         return [orjson.dumps(document) for document in documents]
-    return [b'{"entity":%b}' % piece for piece in pieces]
+    return [_DOCUMENT_START + piece + b"}" for piece in pieces]
 
 
 def kafka_source(topic: str, batch: EventBatch) -> SourceFn:

@@ -122,7 +122,7 @@ class Checkpointer:
             raise
         self.in_transaction = False
         self._observe_transaction_latency()
-        self._count(offsets, started)
+        self._observe_checkpoint(offsets, started)
 
     def prepare(self, owned: Callable[[TopicPartition], bool]) -> PreparedCheckpoint:
         """Capture an at-least-once checkpoint without waiting: the offsets and the changed states as of now.
@@ -159,7 +159,7 @@ class Checkpointer:
             for tp, offset in prepared.offsets.items():
                 self.pending_offsets.setdefault(tp, offset)
             raise
-        self._count(prepared.offsets, prepared.started)
+        self._observe_checkpoint(prepared.offsets, prepared.started)
 
     def _take_offsets(self, owned: Callable[[TopicPartition], bool]) -> dict[TopicPartition, int]:
         offsets = {tp: offset for tp, offset in self.pending_offsets.items() if owned(tp)}
@@ -168,7 +168,7 @@ class Checkpointer:
         self._last_checkpoint = time.monotonic()
         return offsets
 
-    def _count(self, offsets: dict[TopicPartition, int], started: float) -> None:
+    def _observe_checkpoint(self, offsets: dict[TopicPartition, int], started: float) -> None:
         if offsets:
             self.metrics.commits.inc()
         self.metrics.checkpoints.inc()

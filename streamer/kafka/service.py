@@ -8,6 +8,7 @@ import signal
 import time
 import uuid
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
@@ -443,11 +444,9 @@ class StreamerService:
         changelog's read_committed end offset can only lag the records written, so a restore may re-read a
         few records the snapshot holds, which is harmless, but never skips one it lacks.
         """
+        if not self._snapshot_due():
+            return
         settings = self.settings
-        if settings.snapshot_dir is None or self.changelog_topic is None:
-            return
-        if time.monotonic() - self._last_snapshot < settings.snapshot_interval_ms / 1000:
-            return
         self._last_snapshot = time.monotonic()
         self._last_lag_update = 0.0
         partitions = sorted({tp.partition for tp in self._assignment if tp not in self._restores})
@@ -529,11 +528,8 @@ class StreamerService:
         self._background_checkpoint = asyncio.create_task(self._complete_checkpoint(prepared, in_flight))
 
     async def _complete_checkpoint(self, prepared: PreparedCheckpoint, in_flight: deque[_InFlightBatch]) -> bool:
-        async def acknowledged() -> None:
-            while in_flight:
-                await self._reap_oldest(in_flight)
-
-        return await self._handle_checkpoint_errors(self.checkpointer.complete(prepared, acknowledged))
+        return await self._handle_checkpoint_errors(
+            self.checkpointer.complete(prepared, lambda: self._await_acknowledgements(in_flight)))
 
     def _check_background_checkpoint(self) -> None:
         """Forget a finished background checkpoint; an error it did not handle stops the loop here."""
@@ -568,9 +564,10 @@ class StreamerService:
         await self._wait_background_checkpoint()
         # Step 1 of the checkpoint (outputs acknowledged) for at-least-once.
         return await self._handle_checkpoint_errors(self.checkpointer.checkpoint(
-            lambda tp: tp in self.consumer.assignment(), self._await_acknowledgements))
+            lambda tp: tp in self.consumer.assignment(), lambda: self._await_acknowledgements(self._in_flight)))
 
-    async def _handle_checkpoint_errors(self, checkpoint) -> bool:
+    async def _handle_checkpoint_errors(self, checkpoint: Awaitable[None]) -> bool:
+        """Await ``checkpoint`` and return whether it succeeded; failures that need a rejoin raise it."""
         try:
             await checkpoint
             return True
@@ -680,24 +677,24 @@ class StreamerService:
                                        else self._observe_latency(event_times_ms))
         self._in_flight.append(_InFlightBatch(outputs, letters, acknowledged))
         while len(self._in_flight) > MAX_IN_FLIGHT_BATCHES:
-            await self._reap_oldest()
+            await self._reap_oldest(self._in_flight)
 
     def _observe_latency(self, event_times_ms: np.ndarray) -> None:
         self.metrics.observe_latencies(np.maximum(0.0, (time.time() * 1000 - event_times_ms) / 1000.0))
 
-    async def _reap_oldest(self, in_flight: deque[_InFlightBatch] | None = None) -> None:
-        """Wait for the oldest in-flight batch; if it failed, send it again until it is acknowledged."""
-        entry = (self._in_flight if in_flight is None else in_flight).popleft()
+    async def _reap_oldest(self, in_flight: deque[_InFlightBatch]) -> None:
+        """Wait for the oldest batch of ``in_flight``; if it failed, send it again until it is acknowledged."""
+        entry = in_flight.popleft()
         try:
             await asyncio.wait_for(asyncio.shield(entry.acknowledged), 2 * self.settings.request_timeout_ms / 1000)
         except (KafkaError, asyncio.TimeoutError) as error:
             logger.warning("A batch was not acknowledged (%r); sending it again", error)
             await self._deliver(entry.outputs, entry.letters)
 
-    async def _await_acknowledgements(self) -> None:
-        """Wait until every in-flight batch is acknowledged: step 1 of an at-least-once checkpoint."""
-        while self._in_flight:
-            await self._reap_oldest()
+    async def _await_acknowledgements(self, in_flight: deque[_InFlightBatch]) -> None:
+        """Wait until every batch of ``in_flight`` is acknowledged: step 1 of an at-least-once checkpoint."""
+        while in_flight:
+            await self._reap_oldest(in_flight)
 
     async def _deliver(self, outputs: list[tuple[int, bytes, bytes]],
                        letters: tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]) -> None:

@@ -11,7 +11,8 @@ from streamer.errors import ModelError
 from streamer.model.loading import fingerprint, read_model_file
 from streamer.model.manifest import ModelManifest
 
-_CELL_FUNCTIONS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}
+# Cells with state ``h`` only. LSTM layers run in ``_step_lstm`` instead of ``torch.lstm_cell``.
+_CELL_FUNCTIONS = {"gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}
 _MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
@@ -37,13 +38,15 @@ class RecurrentModel:
                                    if key.startswith("head.")})
         self.rnn.to(self.device).eval().requires_grad_(False)
         self.head.to(self.device).eval().requires_grad_(False)
-        self._cell = _CELL_FUNCTIONS[manifest.cell]
+        self._cell = _CELL_FUNCTIONS.get(manifest.cell)
         self._layers = [
             tuple(getattr(self.rnn, f"{kind}_l{layer}") if has_bias or kind.startswith("weight") else None
                   for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
             for layer in range(manifest.num_layers)
         ]
-        self._fused_lstm = [self._fuse_lstm_layer(*layer) for layer in self._layers] if manifest.cell == "lstm" else None
+        self._fused_lstm = None
+        if manifest.cell == "lstm":
+            self._fused_lstm = [self._fuse_lstm_layer(*layer) for layer in self._layers]
         self._input_mean = self._vector(manifest.input_mean)
         self._input_std = self._vector(manifest.input_std)
         self._output_mean = self._vector(manifest.output_mean)
@@ -104,21 +107,14 @@ class RecurrentModel:
         computed from the top layer's new ``h``.
         """
         layer_input = self.scale_inputs(x)
-        if self._fused_lstm is not None and len(state) == 2:
-            return self._step_lstm(layer_input, state[0], state[1])
-        new_h, new_c = [], []
+        if self._fused_lstm is not None:
+            h, c = state
+            return self._step_lstm(layer_input, h, c)
+        new_h = []
         for layer, (w_ih, w_hh, b_ih, b_hh) in enumerate(self._layers):
-            if len(state) == 2:
-                h, c = self._cell(layer_input, (state[0][:, layer], state[1][:, layer]), w_ih, w_hh, b_ih, b_hh)
-                new_c.append(c)
-            else:
-                h = self._cell(layer_input, state[0][:, layer], w_ih, w_hh, b_ih, b_hh)
-            new_h.append(h)
-            layer_input = h
-        y = self.unscale_outputs(self.head(layer_input))
-        if new_c:
-            return (torch.stack(new_h, 1), torch.stack(new_c, 1)), y
-        return (torch.stack(new_h, 1),), y
+            layer_input = self._cell(layer_input, state[0][:, layer], w_ih, w_hh, b_ih, b_hh)
+            new_h.append(layer_input)
+        return (torch.stack(new_h, 1),), self.unscale_outputs(self.head(layer_input))
 
     def _step_lstm(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
                    ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -10,7 +10,7 @@ from streamer.engine.gc_pause import paused_gc, scheduled_collection
 
 def test_scheduled_collection_freezes_then_releases():
     gc.unfreeze()
-    kept = [[index] for index in range(1000)]
+    alive_before = [[index] for index in range(1000)]
 
     with scheduled_collection(interval_s=0.0) as collector:
         frozen = gc.get_freeze_count()
@@ -21,7 +21,7 @@ def test_scheduled_collection_freezes_then_releases():
         collector.maybe_collect()
         collected_inside = reference() is None
 
-    assert frozen >= len(kept)
+    assert frozen >= len(alive_before)
     assert not enabled_inside
     assert collected_inside
     assert gc.get_freeze_count() == 0

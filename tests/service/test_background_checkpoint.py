@@ -32,7 +32,7 @@ async def wait_until(condition, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_processing_continues_while_a_commit_is_pending(kafka_bootstrap, tmp_path):
+def test_loop_runs_during_pending_commit(kafka_bootstrap, tmp_path):
     torch.manual_seed(5)
     model_path = tmp_path / "net.pt"
     torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
