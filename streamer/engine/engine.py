@@ -80,7 +80,8 @@ class Engine:
 
     def _step_stateful(self, slots: np.ndarray, features: np.ndarray, resets: np.ndarray) -> torch.Tensor:
         arena = self.arena
-        state = tuple(arena.gather(name, slots) for name in self.model.state_names)
+        location = arena.locate(slots)
+        state = tuple(arena.gather(name, location) for name in self.model.state_names)
         if resets.any():
             reset_rows = torch.from_numpy(np.flatnonzero(resets)).to(self.model.device)
             for tensor in state:
@@ -88,7 +89,7 @@ class Engine:
         x = torch.from_numpy(features).to(self.model.device)
         new_state, y = self.model.step(x, state)
         for name, tensor in zip(self.model.state_names, new_state):
-            arena.scatter(name, slots, tensor)
+            arena.scatter(name, location, tensor)
         return y
 
     def _step_window(self, slots: np.ndarray, features: np.ndarray, resets: np.ndarray) -> torch.Tensor:

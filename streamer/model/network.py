@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from streamer.errors import ModelError
 from streamer.model.loading import fingerprint, read_model_file
@@ -126,19 +127,22 @@ class RecurrentModel:
         hidden = self.manifest.hidden_size
         new_h = torch.empty_like(h)
         new_c = torch.empty_like(c)
+        # unbind and split return all views in one call each; per-layer indexing costs more for small batches.
+        h_in, c_in, h_out, c_out = h.unbind(1), c.unbind(1), new_h.unbind(1), new_c.unbind(1)
         layer_input = x
         for layer, (weight, bias) in enumerate(self._fused_lstm):
-            gates = torch.addmm(bias, torch.cat([layer_input, h[:, layer]], 1), weight)
-            gates[:, :3 * hidden].sigmoid_()
-            cell_gate = gates[:, 3 * hidden:].tanh_()
-            c_out = new_c[:, layer]
-            torch.mul(gates[:, hidden:2 * hidden], c[:, layer], out=c_out)
-            c_out.addcmul_(gates[:, :hidden], cell_gate)
-            h_out = new_h[:, layer]
-            torch.tanh(c_out, out=h_out)
-            h_out.mul_(gates[:, 2 * hidden:3 * hidden])
-            layer_input = h_out
-        return (new_h, new_c), self.unscale_outputs(self.head(layer_input))
+            gates = torch.addmm(bias, torch.cat([layer_input, h_in[layer]], 1), weight)
+            sigmoid_gates, cell_gate = gates.split([3 * hidden, hidden], 1)
+            sigmoid_gates.sigmoid_()
+            cell_gate.tanh_()
+            input_gate, forget_gate, output_gate = sigmoid_gates.split(hidden, 1)
+            torch.mul(forget_gate, c_in[layer], out=c_out[layer])
+            c_out[layer].addcmul_(input_gate, cell_gate)
+            torch.tanh(c_out[layer], out=h_out[layer])
+            h_out[layer].mul_(output_gate)
+            layer_input = h_out[layer]
+        head = self.head
+        return (new_h, new_c), self.unscale_outputs(F.linear(layer_input, head.weight, head.bias))
 
     def forward_windows(self, windows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Run each window from zero state and return the head's output at its last valid timestep.

@@ -31,6 +31,14 @@ class RemovedEntity:
     reason: str
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where a sequence of slots lives: ``(page, rows in the page, positions in the sequence or None for all)``."""
+
+    size: int
+    parts: list[tuple[int, torch.Tensor, torch.Tensor | None]]
+
+
 class StateArena:
     """Preallocated state rows for many entities.
 
@@ -184,36 +192,40 @@ class StateArena:
 
     # -- rows --------------------------------------------------------------------------------------------
 
-    def _locate(self, slots: np.ndarray) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
-        """Split slots by page: [(page, rows in page, positions in ``slots`` or None for all)]."""
+    def locate(self, slots: np.ndarray) -> Location:
+        """Find the page rows of ``slots``, for several ``gather`` and ``scatter`` calls on the same slots."""
+        if len(self._pages) <= 1:
+            return Location(slots.size, [(0, torch.from_numpy(slots).to(self.device), None)])
         pages = slots // self.page_slots
         rows = slots - pages * self.page_slots
         if slots.size == 0 or pages.min() == pages.max():
             page = int(pages[0]) if slots.size else 0
-            return [(page, torch.from_numpy(rows).to(self.device), None)]
-        located = []
+            return Location(slots.size, [(page, torch.from_numpy(rows).to(self.device), None)])
+        parts = []
         for page in np.unique(pages):
             positions = np.flatnonzero(pages == page)
-            located.append((int(page), torch.from_numpy(rows[positions]).to(self.device),
-                            torch.from_numpy(positions).to(self.device)))
-        return located
+            parts.append((int(page), torch.from_numpy(rows[positions]).to(self.device),
+                          torch.from_numpy(positions).to(self.device)))
+        return Location(slots.size, parts)
 
-    def gather(self, name: str, slots: np.ndarray) -> torch.Tensor:
+    def gather(self, name: str, slots: np.ndarray | Location) -> torch.Tensor:
         """Copy the rows of ``slots`` into a new (len(slots), *row_shape) tensor."""
-        located = self._locate(slots)
-        if len(located) == 1 and located[0][2] is None:
-            page, rows, _ = located[0]
+        location = slots if isinstance(slots, Location) else self.locate(slots)
+        parts = location.parts
+        if len(parts) == 1 and parts[0][2] is None:
+            page, rows, _ = parts[0]
             if not self._pages:
                 return torch.empty(0, *self.row_shapes[name], dtype=self.dtype, device=self.device)
             return self._pages[page][name].index_select(0, rows)
-        out = torch.empty(slots.size, *self.row_shapes[name], dtype=self.dtype, device=self.device)
-        for page, rows, positions in located:
+        out = torch.empty(location.size, *self.row_shapes[name], dtype=self.dtype, device=self.device)
+        for page, rows, positions in parts:
             out.index_copy_(0, positions, self._pages[page][name].index_select(0, rows))
         return out
 
-    def scatter(self, name: str, slots: np.ndarray, values: torch.Tensor) -> None:
+    def scatter(self, name: str, slots: np.ndarray | Location, values: torch.Tensor) -> None:
         """Write ``values`` (len(slots), *row_shape) into the rows of ``slots``."""
-        for page, rows, positions in self._locate(slots):
+        location = slots if isinstance(slots, Location) else self.locate(slots)
+        for page, rows, positions in location.parts:
             source = values if positions is None else values.index_select(0, positions)
             self._pages[page][name].index_copy_(0, rows, source.to(self.dtype))
 
