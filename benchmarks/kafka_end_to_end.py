@@ -376,7 +376,8 @@ def histogram_window(before: str, after: str) -> dict:
         summary[f"p{int(quantile * 100)}_ms"] = None if value is None else round(value * 1000, 2)
     for name, key in (("streamer_batch_events", "mean_batch_events"),
                       ("streamer_batch_duration_seconds", "mean_batch_duration_ms"),
-                      ("streamer_inference_duration_seconds", "mean_inference_ms")):
+                      ("streamer_inference_duration_seconds", "mean_inference_ms"),
+                      ("streamer_gc_pause_seconds", "mean_gc_pause_ms")):
         sum_after, count_after = histogram_sum_count(after, name)
         sum_before, count_before = histogram_sum_count(before, name)
         batches = count_after - count_before
@@ -386,6 +387,8 @@ def histogram_window(before: str, after: str) -> dict:
         summary[key] = None if mean is None else round(mean, 3)
     summary["batches"] = int(histogram_sum_count(after, "streamer_batch_events")[1]
                              - histogram_sum_count(before, "streamer_batch_events")[1])
+    summary["gc_pauses"] = int(histogram_sum_count(after, "streamer_gc_pause_seconds")[1]
+                               - histogram_sum_count(before, "streamer_gc_pause_seconds")[1])
     return summary
 
 

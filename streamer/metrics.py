@@ -43,6 +43,7 @@ __all__ = [
     "BulkHistogram",
     "CHECKPOINT_DURATION_BUCKETS",
     "END_TO_END_LATENCY_BUCKETS",
+    "GC_PAUSE_BUCKETS",
     "HealthCheck",
     "INFERENCE_DURATION_BUCKETS",
     "MetricsServer",
@@ -62,6 +63,9 @@ INFERENCE_DURATION_BUCKETS: tuple[float, ...] = (
 )
 END_TO_END_LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
+)
+GC_PAUSE_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )
 CHECKPOINT_DURATION_BUCKETS: tuple[float, ...] = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -239,6 +243,12 @@ class StreamerMetrics:
             "streamer_batch_duration_seconds",
             "Time from the return of a fetch to the hand-off of the batch's outputs to the producer.",
             buckets=BATCH_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.gc_pause_seconds = Histogram(
+            "streamer_gc_pause_seconds",
+            "Duration of each scheduled cyclic garbage collection, which runs between batches.",
+            buckets=GC_PAUSE_BUCKETS,
             registry=registry,
         )
         self.inference_duration_seconds = Histogram(

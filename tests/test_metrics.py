@@ -26,6 +26,7 @@ EXPECTED_METRICS = {
     "streamer_batch_events": ("histogram", set()),
     "streamer_batch_duration_seconds": ("histogram", set()),
     "streamer_inference_duration_seconds": ("histogram", set()),
+    "streamer_gc_pause_seconds": ("histogram", set()),
     "streamer_end_to_end_latency_seconds": ("histogram", set()),
     "streamer_state_entities": ("gauge", set()),
     "streamer_state_evictions": ("counter", set()),
@@ -61,6 +62,7 @@ def exercise_all(metrics: StreamerMetrics) -> None:
     metrics.batch_events.observe(10)
     metrics.batch_duration_seconds.observe(0.004)
     metrics.inference_duration_seconds.observe(0.0008)
+    metrics.gc_pause_seconds.observe(0.002)
     metrics.observe_latencies(np.array([0.003, 0.02, 0.4]))
     metrics.state_entities.set(1234)
     metrics.state_evictions.inc()

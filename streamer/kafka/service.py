@@ -180,7 +180,7 @@ class StreamerService:
             while not self._stop_requested.is_set():
                 await self._start_clients()
                 try:
-                    with scheduled_collection() as collector:
+                    with scheduled_collection(on_pause=self.metrics.gc_pause_seconds.observe) as collector:
                         while not self._stop_requested.is_set():
                             await self._poll_once()
                             collector.maybe_collect()

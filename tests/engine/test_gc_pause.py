@@ -41,3 +41,19 @@ def test_paused_gc_restores_the_previous_state():
     with paused_gc():
         assert not gc.isenabled()
     assert gc.isenabled()
+
+
+def test_scheduled_collection_reports_each_pause():
+    pauses: list[float] = []
+    with scheduled_collection(interval_s=0.0, on_pause=pauses.append) as collector:
+        collector.maybe_collect()
+        collector.maybe_collect()
+    assert len(pauses) == 2
+    assert all(0.0 <= pause < 5.0 for pause in pauses)
+
+
+def test_scheduled_collection_waits_for_the_interval():
+    pauses: list[float] = []
+    with scheduled_collection(interval_s=3600.0, on_pause=pauses.append) as collector:
+        collector.maybe_collect()
+    assert pauses == []
