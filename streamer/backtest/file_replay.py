@@ -14,7 +14,7 @@ from streamer.engine import Engine
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.io.events import EventDecoder, EventFormat
 from streamer.io.files import OutputWriter, read_records
-from streamer.io.outputs import encode_dead_letter_line, encode_outputs, file_source
+from streamer.io.outputs import encode_dead_letter_line, encode_output_lines, encode_outputs, file_source
 from streamer.model.network import RecurrentModel
 
 logger = logging.getLogger(__name__)
@@ -81,14 +81,20 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
         for chunk in read_records(input_path, batch_size, model.manifest.feature_names):
             batch, dead = decoder.decode([None] * len(chunk.values), chunk.values, None, chunk.indices)
             step = engine.process(batch)
-            outputs = encode_outputs(batch, step, model.fingerprint, file_source(input_path.name, batch))
-            writer.write([value for _, _, value in outputs])
+            output_source = file_source(input_path.name, batch)
+            if writer.writes_lines:
+                produced, lines = encode_output_lines(batch, step, model.fingerprint, output_source)
+                writer.write_lines(produced, lines)
+            else:
+                outputs = encode_outputs(batch, step, model.fingerprint, output_source)
+                writer.write([value for _, _, value in outputs])
+                produced = len(outputs)
             for letter in dead:
                 source = {"file": input_path.name, "record": chunk.indices[letter.index]}
                 dead_file.write(encode_dead_letter_line(letter, source) + b"\n")
                 result.dead_letter_reasons[letter.reason] = result.dead_letter_reasons.get(letter.reason, 0) + 1
             result.events += len(chunk.values)
-            result.outputs += len(outputs)
+            result.outputs += produced
             result.dead_letters += len(dead)
             result.duplicates += step.duplicates
             advance(len(chunk.values))

@@ -1,7 +1,8 @@
 """Topic backtests: replay offset ranges of Kafka topics through the engine without touching the live service.
 
-The replay reads with manual partition assignment and no group id, so it commits no offsets, joins no
-consumer group and writes nothing except its own outputs (a file, or an output topic that is not an input).
+The replay reads with Fetch requests of its own (``RangeReader``) and no group id, so it commits no offsets,
+joins no consumer group and writes nothing except its own outputs (a file, or an output topic that is not an
+input).
 
 Processing order, the rule that makes a replay deterministic whatever the broker's fetch sizes:
 
@@ -32,6 +33,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.client import AIOKafkaClient
 from aiokafka.errors import KafkaError
 
 from streamer.backtest.file_replay import BacktestResult, event_format_for
@@ -41,9 +43,10 @@ from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.files import OutputWriter
-from streamer.io.outputs import encode_dead_letter_line, encode_outputs
+from streamer.io.outputs import SourceFn, encode_dead_letter_line, encode_output_lines, encode_outputs
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.producer import KeyPartitioner, send_records
+from streamer.kafka.range_reader import RangeReader
 from streamer.kafka.restore import restore_partition
 from streamer.model.network import RecurrentModel
 from streamer.state.changelog import StateCodec, changelog_topic
@@ -262,71 +265,34 @@ class Round:
         return len(self.values)
 
 
-async def iter_rounds(consumer: AIOKafkaConsumer, ranges: Sequence[PartitionRange], batch_size: int,
-                      stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> AsyncIterator[Round]:
-    """Assign and seek the ranges, then yield rounds of up to ``batch_size`` records per partition.
+async def iter_rounds(reader: RangeReader, ranges: Sequence[PartitionRange], batch_size: int
+                      ) -> AsyncIterator[Round]:
+    """Yield rounds of up to ``batch_size`` records per partition from ``reader``.
 
-    A partition is finished when its fetch position reaches the range end, so offsets taken by transaction
-    markers or removed by compaction do not stall the replay. Raises BrokerError when an unfinished
-    partition returns nothing for ``stall_timeout_s``.
+    Before a round is handed out, the Fetch requests for the next one are started, so the broker reads
+    while the caller processes.
     """
     active = [r for r in ranges if r.size > 0]
-    consumer.assign([r.tp for r in active])
-    for r in active:
-        consumer.seek(r.tp, r.start)
-    buffers: dict[TopicPartition, list] = {r.tp: [] for r in active}
-    fetched_to = {r.tp: r.start for r in active}  # next offset to fetch for each partition
     while active:
-        await _fill_buffers(consumer, active, buffers, fetched_to, batch_size, stall_timeout_s)
+        tps = [r.tp for r in active]
+        await reader.fill(tps, batch_size)
         columns = Round([], [], [], [], [], [])
         still_active = []
         for r in active:
-            buffer = buffers[r.tp]
-            taken, buffers[r.tp] = buffer[:batch_size], buffer[batch_size:]
-            count = len(taken)
+            head = reader.buffers[r.tp].take(batch_size)
+            count = len(head)
             columns.topics.extend([r.topic] * count)
             columns.partitions.extend([r.partition] * count)
-            columns.offsets.extend([record.offset for record in taken])
-            columns.timestamps_ms.extend([record.timestamp for record in taken])
-            columns.keys.extend([record.key for record in taken])
-            columns.values.extend([record.value for record in taken])
-            if buffers[r.tp] or fetched_to[r.tp] < r.end:
+            columns.offsets.extend(head.offsets)
+            columns.timestamps_ms.extend(head.timestamps_ms)
+            columns.keys.extend(head.keys)
+            columns.values.extend(head.values)
+            if len(reader.buffers[r.tp]) or not reader.finished(r.tp):
                 still_active.append(r)
         active = still_active
+        reader.prefetch([r.tp for r in active], batch_size)
         if len(columns):
             yield columns
-
-
-async def _fill_buffers(consumer: AIOKafkaConsumer, active: Sequence[PartitionRange], buffers: dict,
-                        fetched_to: dict[TopicPartition, int], batch_size: int, stall_timeout_s: float) -> None:
-    """Fetch until every active partition has ``batch_size`` records buffered or has reached its range end."""
-    ends = {r.tp: r.end for r in active}
-    deadline = time.monotonic() + stall_timeout_s
-    while True:
-        needing = [r.tp for r in active if len(buffers[r.tp]) < batch_size and fetched_to[r.tp] < r.end]
-        if not needing:
-            return
-        fetched = await consumer.getmany(*needing, timeout_ms=200)
-        for tp, records in fetched.items():
-            end = ends[tp]
-            if records and records[-1].offset >= end:
-                records = [record for record in records if record.offset < end]
-            buffers[tp].extend(records)
-        progressed = bool(fetched)
-        for tp in needing:
-            position = await consumer.position(tp)
-            if position > fetched_to[tp]:
-                fetched_to[tp] = position
-                progressed = True
-            if fetched_to[tp] >= ends[tp]:
-                consumer.pause(tp)
-        if progressed:
-            deadline = time.monotonic() + stall_timeout_s
-        elif time.monotonic() > deadline:
-            stalled = ", ".join(f"{tp.topic}[{tp.partition}] at offset {fetched_to[tp]} (range end {ends[tp]})"
-                                for tp in needing)
-            raise BrokerError(f"No records for {stall_timeout_s:.0f} s from {stalled}: check that the broker is "
-                              "reachable and the records were not deleted by retention during the replay")
 
 
 # -- targets and outputs ---------------------------------------------------------------------------------
@@ -408,6 +374,13 @@ class _FileSink:
         self._writer = OutputWriter(path)
         self._dead = dead_letter_path.open("wb")
 
+    @property
+    def writes_lines(self) -> bool:
+        return self._writer.writes_lines
+
+    def write_lines(self, count: int, lines: bytes) -> None:
+        self._writer.write_lines(count, lines)
+
     async def write(self, records: Sequence[OutputRecord]) -> None:
         self._writer.write([value for _, _, value in records])
 
@@ -428,6 +401,10 @@ class _TopicSink(_FileSink):
         self._topic = topic
         self._dead = dead_letter_path.open("wb")
         self.produced_values: list[bytes] | None = [] if keep else None
+
+    @property
+    def writes_lines(self) -> bool:
+        return False
 
     async def write(self, records: Sequence[OutputRecord]) -> None:
         if not records:
@@ -580,12 +557,19 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
     consumer = AIOKafkaConsumer(
         bootstrap_servers=spec.bootstrap_servers, group_id=None, enable_auto_commit=False,
         auto_offset_reset="none", isolation_level="read_committed", request_timeout_ms=spec.request_timeout_ms,
-        max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, fetch_max_wait_ms=100,
     )
     producer: AIOKafkaProducer | None = None
     await _start(consumer, "consumer", spec.bootstrap_servers)
     try:
         result.ranges = await resolve_ranges(consumer, spec.topics, spec.start, spec.end, input_partitions)
+    finally:
+        await consumer.stop()
+    client = AIOKafkaClient(bootstrap_servers=spec.bootstrap_servers, request_timeout_ms=spec.request_timeout_ms)
+    await _start(client, "client", spec.bootstrap_servers)
+    try:
+        await client.set_topics(list(spec.topics))
+        reader = RangeReader(client, [(r.tp, r.start, r.end) for r in result.ranges],
+                             partition_max_bytes=TOPIC_MAX_MESSAGE_BYTES, stall_timeout_s=spec.stall_timeout_s)
         if output_topic is None:
             dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
             sink: _FileSink = _FileSink(output_path, dead_letter_path)
@@ -605,14 +589,15 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
                     spec.start.describe(), spec.end.describe(), sum(r.size for r in result.ranges),
                     len(result.ranges))
         try:
-            await _process_rounds(consumer, engine, model, sink, router, result, spec, batch_size,
+            await _process_rounds(reader, engine, model, sink, router, result, spec, batch_size,
                                   max_record_bytes, target_feature, progress)
         finally:
+            await reader.close()
             await sink.close()
         if isinstance(sink, _TopicSink):
             result.output_values = sink.produced_values
     finally:
-        await consumer.stop()
+        await client.close()
         if producer is not None:
             await producer.stop()
     result.entities = len(engine.arena)
@@ -621,7 +606,7 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
     return result
 
 
-async def _process_rounds(consumer: AIOKafkaConsumer, engine: Engine, model: RecurrentModel, sink: _FileSink,
+async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentModel, sink: _FileSink,
                           router: _OutputRouter, result: TopicBacktestResult, spec: TopicReplaySpec,
                           batch_size: int, max_record_bytes: int, target_feature: int | None,
                           progress: bool | None) -> None:
@@ -633,16 +618,22 @@ async def _process_rounds(consumer: AIOKafkaConsumer, engine: Engine, model: Rec
     # The total counts offsets, so transaction markers can leave the bar a little short of full.
     with scheduled_collection() as collector, \
             EventProgress(f"replay {', '.join(spec.topics)}", total, show_progress) as advance:
-        async for records in iter_rounds(consumer, result.ranges, batch_size, spec.stall_timeout_s):
+        async for records in iter_rounds(reader, result.ranges, batch_size):
             batch, dead = decoder.decode(records.keys, records.values, records.timestamps_ms, records.offsets,
                                          records.partitions)
             step = engine.process(batch)
-            encoded = _encode(batch, step, model.fingerprint, records, router, strip_targets=targets is not None)
-            outputs = targets.release(batch, encoded) if targets else [record for _, record in encoded]
-            await sink.write(outputs)
+            if targets is None and sink.writes_lines:
+                produced, lines = encode_output_lines(batch, step, model.fingerprint, _round_source(batch, records))
+                sink.write_lines(produced, lines)
+            else:
+                encoded = _encode(batch, step, model.fingerprint, records, router,
+                                  strip_targets=targets is not None)
+                outputs = targets.release(batch, encoded) if targets else [record for _, record in encoded]
+                await sink.write(outputs)
+                produced = len(encoded)
             sink.write_dead_letters(_dead_letter_lines(dead, records, result))
             result.events += len(records)
-            result.outputs += len(encoded)
+            result.outputs += produced
             result.dead_letters += len(dead)
             result.duplicates += step.duplicates
             advance(len(records))
@@ -655,23 +646,25 @@ async def _process_rounds(consumer: AIOKafkaConsumer, engine: Engine, model: Rec
 def _encode(batch: EventBatch, step: StepResult, fingerprint: str, records: Round, router: _OutputRouter,
             strip_targets: bool) -> list[tuple[int, OutputRecord]]:
     """Encode outputs like the live service, with source ``{topic, partition, offset}``, in batch order."""
-    record_index = batch.record_index.tolist()
-    topics, offsets, partitions = records.topics, records.offsets, records.partitions
-
-    def source(position: int) -> dict[str, Any]:
-        index = record_index[position]
-        return {"topic": topics[index], "partition": partitions[index], "offset": offsets[index]}
-
     to_encode = dataclasses.replace(batch, targets=None) if strip_targets else batch
-    encoded = encode_outputs(to_encode, step, fingerprint, source)
+    encoded = encode_outputs(to_encode, step, fingerprint, _round_source(batch, records))
     if not router.routes:
         return [(position, (0, key, value)) for position, key, value in encoded]
-    keys = records.keys
+    record_index = batch.record_index.tolist()
+    topics, partitions, keys = records.topics, records.partitions, records.keys
     routed = []
     for position, key, value in encoded:
         index = record_index[position]
         routed.append((position, (router(topics[index], partitions[index], keys[index], key), key, value)))
     return routed
+
+
+def _round_source(batch: EventBatch, records: Round) -> SourceFn:
+    """Return the ``source`` function of ``batch``: each event's topic, partition and offset."""
+    record_index = batch.record_index.tolist()
+    topics, partitions, offsets = records.topics, batch.partitions.tolist(), batch.offsets.tolist()
+    return lambda position: {"topic": topics[record_index[position]], "partition": partitions[position],
+                             "offset": offsets[position]}
 
 
 def _dead_letter_lines(dead: list[DeadLetter], records: Round, result: TopicBacktestResult) -> list[bytes]:
@@ -704,9 +697,10 @@ class _OutputRouter:
         return self._partitioner(key)
 
 
-async def _start(client: AIOKafkaConsumer | AIOKafkaProducer, role: str, bootstrap_servers: str) -> None:
+async def _start(client: AIOKafkaConsumer | AIOKafkaProducer | AIOKafkaClient, role: str,
+                 bootstrap_servers: str) -> None:
     try:
-        await client.start()
+        await (client.bootstrap() if isinstance(client, AIOKafkaClient) else client.start())
     except KafkaError as error:
         raise BrokerError(f"Cannot start the replay {role} at {bootstrap_servers}: {error!r}; check "
                           "--bootstrap-servers and that the broker is running") from error

@@ -131,6 +131,18 @@ class OutputWriter:
         self._file = self.path.open("wb") if self._suffix != ".parquet" else None
         self.count = 0
 
+    @property
+    def writes_lines(self) -> bool:
+        """Whether the file is JSON Lines, which ``write_lines`` takes directly."""
+        return self._file is not None
+
+    def write_lines(self, count: int, lines: bytes) -> None:
+        """Append ``count`` records already encoded as JSON Lines, each ending in a newline."""
+        if self._file is None:
+            raise ValueError(f"{self.path} is a Parquet file: write encoded records with write()")
+        self.count += count
+        self._file.write(lines)
+
     def write(self, values: list[bytes]) -> None:
         self.count += len(values)
         if self._file is not None:

@@ -31,26 +31,51 @@ def encode_outputs(batch: EventBatch, result: StepResult, fingerprint: str, sour
     """
     entities = batch.entities
     with paused_gc():
-        predictions = result.predictions.tolist()
-        steps = result.steps.tolist()
-        ts_column = [None if ts == NO_TIME else ts for ts in batch.ts_ms.tolist()]
-        positions = np.flatnonzero(result.applied).tolist()
-        documents = [{"entity": entities[position], "ts": ts_column[position], "step": steps[position],
-                      "prediction": predictions[position], "model": fingerprint, "source": source(position)}
-                     for position in positions]
-        if batch.targets is not None:
-            targets = batch.targets
-            for position, document in zip(positions, documents):
-                if targets[position] is not None:
-                    document["target"] = targets[position]
+        positions, documents = _output_documents(batch, result, fingerprint, source)
         values = _dumps_each(documents)
         return [(position, entities[position].encode(), value) for position, value in zip(positions, values)]
+
+
+def encode_output_lines(batch: EventBatch, result: StepResult, fingerprint: str, source: SourceFn
+                        ) -> tuple[int, bytes]:
+    """Return the number of outputs and their JSON Lines, each line ending in a newline.
+
+    The bytes equal the values of ``encode_outputs`` joined by newlines, made with one orjson call and one
+    replacement of the separator between documents instead of one bytes object per output.
+    """
+    with paused_gc():
+        _, documents = _output_documents(batch, result, fingerprint, source)
+        if not documents:
+            return 0, b""
+        body = orjson.dumps(documents)[1:-1]
+        if body.count(_SEPARATOR) != len(documents) - 1:
+            return len(documents), b"".join(orjson.dumps(document) + b"\n" for document in documents)
+        return len(documents), body.replace(_SEPARATOR, _LINE_SEPARATOR) + b"\n"
+
+
+def _output_documents(batch: EventBatch, result: StepResult, fingerprint: str, source: SourceFn
+                      ) -> tuple[list[int], list[dict]]:
+    entities = batch.entities
+    predictions = result.predictions.tolist()
+    steps = result.steps.tolist()
+    ts_column = [None if ts == NO_TIME else ts for ts in batch.ts_ms.tolist()]
+    positions = np.flatnonzero(result.applied).tolist()
+    documents = [{"entity": entities[position], "ts": ts_column[position], "step": steps[position],
+                  "prediction": predictions[position], "model": fingerprint, "source": source(position)}
+                 for position in positions]
+    if batch.targets is not None:
+        targets = batch.targets
+        for position, document in zip(positions, documents):
+            if targets[position] is not None:
+                document["target"] = targets[position]
+    return positions, documents
 
 
 # Every output document starts with its "entity" key. Between two documents in one JSON array, orjson writes
 # this separator, which cannot occur inside an encoded string because a quote there is always escaped.
 _DOCUMENT_START = b'{"entity":'
 _SEPARATOR = b'},{"entity":'
+_LINE_SEPARATOR = b'}\n{"entity":'
 
 
 def _dumps_each(documents: list[dict]) -> list[bytes]:

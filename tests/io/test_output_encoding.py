@@ -1,23 +1,31 @@
-"""Output values are byte-identical to orjson encoding each document on its own."""
+"""Output values and JSON Lines are byte-identical to orjson encoding each document on its own."""
 
 from __future__ import annotations
 
 import numpy as np
 import orjson
+import pytest
 
 from streamer.engine.batch import EventBatch, StepResult
-from streamer.io.outputs import encode_outputs, file_source
+from streamer.io.files import OutputWriter
+from streamer.io.outputs import encode_output_lines, encode_outputs, file_source
 
 AWKWARD_ENTITIES = ['},{"entity":"x', 'quote " and \\ backslash', "naïve 東京", "", "a\nb", '{"entity":'] * 3
 
 
-def test_outputs_equal_per_document_encoding():
+def awkward_batch() -> tuple[EventBatch, StepResult, list]:
     n = len(AWKWARD_ENTITIES)
     targets = [None if i % 3 else [float(i), -0.5] for i in range(n)]
     batch = EventBatch.build(AWKWARD_ENTITIES, np.zeros((n, 2)), ts_ms=np.arange(n) * 1000, targets=targets)
     applied = np.ones(n, bool)
     applied[4] = False
     result = StepResult(np.random.default_rng(0).normal(size=(n, 1)).astype(np.float32), np.arange(n), applied)
+    return batch, result, targets
+
+
+def test_outputs_equal_per_document_encoding():
+    batch, result, targets = awkward_batch()
+    n = len(batch)
 
     encoded = encode_outputs(batch, result, "fp", file_source("in.jsonl", batch))
 
@@ -37,3 +45,36 @@ def test_no_applied_events_give_no_outputs():
     result = StepResult(np.full((2, 1), np.nan, np.float32), np.full(2, -1), np.zeros(2, bool))
 
     assert encode_outputs(batch, result, "fp", file_source("in.jsonl", batch)) == []
+
+
+def test_output_lines_equal_joined_outputs():
+    batch, result, _ = awkward_batch()
+    encoded = encode_outputs(batch, result, "fp", file_source("in.jsonl", batch))
+
+    count, lines = encode_output_lines(batch, result, "fp", file_source("in.jsonl", batch))
+
+    assert count == len(encoded) == len(batch) - 1
+    assert lines == b"".join(value + b"\n" for _, _, value in encoded)
+    assert [orjson.loads(line)["entity"] for line in lines.splitlines()] == [
+        entity for i, entity in enumerate(AWKWARD_ENTITIES) if i != 4]
+
+
+def test_output_lines_of_no_outputs_are_empty():
+    batch = EventBatch.build(["a"], np.zeros((1, 2)))
+    result = StepResult(np.full((1, 1), np.nan, np.float32), np.full(1, -1), np.zeros(1, bool))
+
+    assert encode_output_lines(batch, result, "fp", file_source("in.jsonl", batch)) == (0, b"")
+
+
+def test_writer_takes_lines_for_json_lines_only(tmp_path):
+    with OutputWriter(tmp_path / "out.jsonl") as writer:
+        assert writer.writes_lines
+        writer.write_lines(2, b'{"a":1}\n{"a":2}\n')
+        writer.write([b'{"a":3}'])
+    assert (tmp_path / "out.jsonl").read_bytes() == b'{"a":1}\n{"a":2}\n{"a":3}\n'
+    assert writer.count == 3
+
+    with OutputWriter(tmp_path / "out.parquet") as parquet:
+        assert not parquet.writes_lines
+        with pytest.raises(ValueError, match="Parquet"):
+            parquet.write_lines(1, b'{"a":1}\n')
