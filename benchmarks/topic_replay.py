@@ -142,7 +142,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=None, help="events to produce (default 500,000)")
     parser.add_argument("--entities", type=int, default=10_000)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=4096, help="records per partition per engine batch")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="records per partition per engine batch (default: the replay's default)")
     parser.add_argument("--repeats", type=int, default=None, help="replays of the topic (default 3, quick 1)")
     parser.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting one")
     parser.add_argument("--profile", type=Path, default=None,
@@ -180,7 +181,8 @@ def main() -> None:
         finally:
             if broker is not None:
                 broker.stop()
-    in_process = run_in_process(model, values, args.batch_size * args.partitions)
+    batch_size = result.batch_size
+    in_process = run_in_process(model, values, batch_size * args.partitions)
 
     best = max(replays, key=lambda r: r["events_per_s"])
     report = {
@@ -188,7 +190,7 @@ def main() -> None:
         "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
         "model": {"input": INPUT, "hidden": HIDDEN, "layers": LAYERS, "output": OUTPUT},
         "events": n_events, "entities": args.entities, "partitions": args.partitions,
-        "batch_size_per_partition": args.batch_size,
+        "batch_size_per_partition": batch_size,
         "produce_events_per_s": round(n_events / produce_s),
         "replays": replays,
         "best_replay_events_per_s": best["events_per_s"],

@@ -45,8 +45,9 @@ def backtest(
     allow_existing_output: bool = typer.Option(False, help="Allow an --output-topic that already has records."),
     semantics: str = typer.Option("stateful", help="stateful (carry state) or window (last seq_len events)."),
     seq_len: Optional[int] = typer.Option(None, help="Window length for window semantics (overrides the bundle)."),
-    batch_size: int = typer.Option(4096, min=1, help="Events per engine batch; with --topic, records per "
-                                   "partition per engine batch."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Events per engine batch (default 4096); with "
+                                             "--topic, records per partition per engine batch (default 4096 "
+                                             "divided by the number of partitions)."),
     max_entities: Optional[int] = typer.Option(None, min=1, help="State capacity; LRU entities are evicted."),
     idle_expiry_ms: Optional[int] = typer.Option(None, min=1, help="Expire entities idle this long in event time."),
     report_dir: Optional[Path] = typer.Option(None, help="Write the accuracy report here (default: beside output, "
@@ -59,8 +60,8 @@ def backtest(
 ) -> None:
     """Replay a file or a range of Kafka topics through the engine and write one output per valid event.
 
-    A topic replay reads with manual assignment and no consumer group, so it commits no offsets and a
-    running service does not notice it.
+    A topic replay reads with Fetch requests of its own and no consumer group, so it commits no offsets
+    and a running service does not notice it.
     """
     from streamer.backtest.runner import backtest_file_command
     from streamer.errors import ConfigError
@@ -81,13 +82,14 @@ def backtest(
     if output is None:
         raise ConfigError("Missing --output: a file backtest writes its outputs to a .jsonl or .parquet file")
     backtest_file_command(model=model, input_path=input, output_path=output, semantics=semantics,
-                          seq_len=seq_len, batch_size=batch_size, max_entities=max_entities,
+                          seq_len=seq_len, batch_size=4096 if batch_size is None else batch_size,
+                          max_entities=max_entities,
                           idle_expiry_ms=idle_expiry_ms, report_dir=report_dir, compare_window=compare_window)
 
 
 def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], bootstrap_servers: str | None, start: str,
                     end: str, output: Path | None, output_topic: str | None, allow_existing_output: bool,
-                    semantics: str, seq_len: int | None, batch_size: int, max_entities: int | None,
+                    semantics: str, seq_len: int | None, batch_size: int | None, max_entities: int | None,
                     idle_expiry_ms: int | None, report_dir: Path | None, compare_window: bool, target: str,
                     initial_state: str, request_timeout_ms: int) -> None:
     """Check the flags of a topic backtest and run it."""

@@ -54,7 +54,7 @@ def backtest_file_command(*, model: Path, input_path: Path, output_path: Path, s
 
 def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path | None = None,
                    output_topic: str | None = None, allow_existing_output: bool = False, semantics: str = "stateful",
-                   seq_len: int | None = None, batch_size: int = 4096, max_entities: int | None = None,
+                   seq_len: int | None = None, batch_size: int | None = None, max_entities: int | None = None,
                    idle_expiry_ms: int | None = None, report_dir: Path | None = None, compare_window: bool = False,
                    target: str = "event", initial_state: str = "empty", title: str | None = None,
                    progress: bool | None = None) -> tuple[TopicBacktestResult, ReportPaths]:
@@ -97,7 +97,7 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
 
 def backtest_topic_command(*, model: Path, spec: TopicReplaySpec, output_path: Path | None,
                            output_topic: str | None, allow_existing_output: bool, semantics: str,
-                           seq_len: int | None, batch_size: int, max_entities: int | None,
+                           seq_len: int | None, batch_size: int | None, max_entities: int | None,
                            idle_expiry_ms: int | None, report_dir: Path | None, compare_window: bool, target: str,
                            initial_state: str) -> None:
     result, paths = backtest_topic(model, spec, output_path=output_path, output_topic=output_topic,

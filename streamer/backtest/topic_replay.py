@@ -8,7 +8,8 @@ Processing order, the rule that makes a replay deterministic whatever the broker
 
 - Partitions are ordered by topic (in the order given) and then by partition number.
 - Each round takes the next ``batch_size`` records (fewer at the end of a range) of every unfinished
-  partition, in that partition order and in offset order within a partition.
+  partition, in that partition order and in offset order within a partition. By default ``batch_size`` is
+  ``ROUND_EVENTS`` divided by the number of replayed partitions.
 - One round is one engine batch, and outputs are written in the batch's order.
 
 So the output file is ordered by round, then partition, then offset. With ``next-value`` targets an output
@@ -55,6 +56,10 @@ from streamer.state.snapshot import read_snapshot
 logger = logging.getLogger(__name__)
 
 INITIAL_STATES = ("empty", "changelog:GROUP", "snapshot:GROUP:DIR")
+# Default records per round, split evenly across the replayed partitions. The engine's throughput peaks
+# near 4,096 events per batch; rounds of 16,384 (4,096 from each of four partitions) replayed about 6 %
+# slower in interleaved runs.
+ROUND_EVENTS = 4096
 DEFAULT_STALL_TIMEOUT_S = 60.0
 
 # Kafka topic names contain only ASCII letters, digits, '.', '_' and '-', so ':' separates the fields of
@@ -432,10 +437,11 @@ class TopicBacktestResult(BacktestResult):
     output_topic: str | None = None
     semantics: str = "stateful"
     output_values: list[bytes] | None = None  # outputs produced to a topic, with keep_topic_outputs
+    batch_size: int | None = None  # records per partition per round
 
     def as_dict(self) -> dict[str, Any]:
         return {**super().as_dict(), "output_topic": self.output_topic, "semantics": self.semantics,
-                "ranges": [r.as_dict() for r in self.ranges]}
+                "batch_size": self.batch_size, "ranges": [r.as_dict() for r in self.ranges]}
 
 
 @dataclass(frozen=True)
@@ -453,7 +459,7 @@ class TopicReplaySpec:
 def run_topic_backtest(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None = None,
                        output_topic: str | None = None, dead_letter_path: Path | None = None,
                        allow_existing_output: bool = False, keep_topic_outputs: bool = False,
-                       semantics: str = "stateful", batch_size: int = 4096, max_entities: int | None = None,
+                       semantics: str = "stateful", batch_size: int | None = None, max_entities: int | None = None,
                        idle_expiry_ms: int | None = None, max_record_bytes: int = 1_048_576,
                        initial_state: str = "empty", target_feature: int | None = None,
                        progress: bool | None = None) -> TopicBacktestResult:
@@ -474,7 +480,7 @@ def run_topic_backtest(model: RecurrentModel, spec: TopicReplaySpec, *, output_p
 
 
 def _check_arguments(spec: TopicReplaySpec, output_path: Path | None, output_topic: str | None,
-                     dead_letter_path: Path | None, batch_size: int, initial_state: str) -> None:
+                     dead_letter_path: Path | None, batch_size: int | None, initial_state: str) -> None:
     if not spec.topics:
         raise ConfigError("No input topic: pass --topic at least once")
     if len(set(spec.topics)) != len(spec.topics):
@@ -489,7 +495,7 @@ def _check_arguments(spec: TopicReplaySpec, output_path: Path | None, output_top
                           "must go to a topic of their own")
     if output_topic is not None and dead_letter_path is None:
         raise ConfigError("Missing dead-letter file: a replay to --output-topic writes dead letters to a file")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"Invalid batch size {batch_size}: expected a positive number of records per partition")
     parse_initial_state(initial_state)
 
@@ -540,7 +546,7 @@ async def load_initial_state(engine: Engine, model: RecurrentModel, spec: TopicR
 
 async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None,
                   output_topic: str | None, dead_letter_path: Path | None, allow_existing_output: bool,
-                  keep_topic_outputs: bool, semantics: str, batch_size: int, max_entities: int | None,
+                  keep_topic_outputs: bool, semantics: str, batch_size: int | None, max_entities: int | None,
                   idle_expiry_ms: int | None, max_record_bytes: int, initial_state: str,
                   target_feature: int | None, progress: bool | None) -> TopicBacktestResult:
     _check_arguments(spec, output_path, output_topic, dead_letter_path, batch_size, initial_state)
@@ -564,6 +570,9 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
         result.ranges = await resolve_ranges(consumer, spec.topics, spec.start, spec.end, input_partitions)
     finally:
         await consumer.stop()
+    if batch_size is None:
+        batch_size = max(1, ROUND_EVENTS // max(1, len(result.ranges)))
+    result.batch_size = batch_size
     client = AIOKafkaClient(bootstrap_servers=spec.bootstrap_servers, request_timeout_ms=spec.request_timeout_ms)
     await _start(client, "client", spec.bootstrap_servers)
     try:

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streamer.backtest.topic_replay import TopicReplaySpec, parse_range_bound, run_topic_backtest
+from streamer.backtest.topic_replay import ROUND_EVENTS, TopicReplaySpec, parse_range_bound, run_topic_backtest
 from streamer.errors import ConfigError
 from streamer.io.files import read_outputs
 from streamer.model import load_model
@@ -121,6 +121,15 @@ def test_replay_order_is_round_robin_by_partition(kafka_bootstrap, events_topic,
     expected.remove((dead["partition"], dead["offset"]))
 
     assert sources(tmp_path / "out.jsonl") == expected
+
+
+def test_default_round_splits_round_events_across_partitions(kafka_bootstrap, events_topic, model_path, tmp_path):
+    result = replay(kafka_bootstrap, model_path, (events_topic,), tmp_path / "out.jsonl")
+
+    assert len(result.ranges) > 1
+    assert result.batch_size == ROUND_EVENTS // len(result.ranges)
+    assert result.as_dict()["batch_size"] == result.batch_size
+    assert result.outputs == 600
 
 
 def test_replay_equals_live_service_without_side_effects(kafka_bootstrap, events_topic, model_path, tmp_path):
