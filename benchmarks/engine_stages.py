@@ -19,7 +19,7 @@ from engine_throughput import HIDDEN, INPUT, LAYERS, OUTPUT, WINDOW, make_values
 from streamer.engine import Engine
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.io.events import EventDecoder, EventFormat
-from streamer.io.outputs import encode_outputs
+from streamer.io.outputs import encode_outputs, topic_source
 from streamer.model import RecurrentModel, SeedNet, parse_state_dict
 
 
@@ -46,9 +46,7 @@ def main() -> None:
             decoded = time.perf_counter()
             result = engine.process(batch)
             stepped = time.perf_counter()
-            offsets = batch.offsets.tolist()
-            encode_outputs(batch, result, model.fingerprint,
-                           lambda p: {"topic": "events", "partition": 0, "offset": offsets[p]})
+            encode_outputs(batch, result, model.fingerprint, topic_source(["events"] * len(chunk), batch))
             encoded = time.perf_counter()
             seconds["decode"] += decoded - began
             seconds["engine"] += stepped - decoded

@@ -26,7 +26,7 @@ import torch
 from streamer.engine import Engine
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.io.events import EventDecoder, EventFormat
-from streamer.io.outputs import encode_outputs
+from streamer.io.outputs import encode_outputs, topic_source
 from streamer.model import RecurrentModel, SeedNet, parse_state_dict
 
 INPUT, HIDDEN, LAYERS, OUTPUT, WINDOW = 8, 64, 2, 1, 30
@@ -53,9 +53,8 @@ def run_streamer(model: RecurrentModel, values: list[bytes], batch_size: int) ->
             chunk = values[start:start + batch_size]
             batch, _ = decoder.decode(keys[:len(chunk)], chunk, None, np.arange(start, start + len(chunk)))
             result = engine.process(batch)
-            offsets = batch.offsets.tolist()
             produced += len(encode_outputs(batch, result, model.fingerprint,
-                                           lambda p: {"topic": "events", "partition": 0, "offset": offsets[p]}))
+                                           topic_source(["events"] * len(chunk), batch)))
             collector.maybe_collect()
         elapsed = time.perf_counter() - started
     if produced != len(values):

@@ -37,7 +37,7 @@ from streamer.data.synthetic import iter_event_batches
 from streamer.engine import Engine
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.io.events import EventDecoder, EventFormat
-from streamer.io.outputs import encode_outputs
+from streamer.io.outputs import encode_outputs, topic_source
 from streamer.kafka.local_broker import LocalKafka
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.model import RecurrentModel, SeedNet, parse_state_dict
@@ -99,9 +99,7 @@ def run_in_process(model: RecurrentModel, values: list[bytes], batch_size: int) 
             batch, _ = decoder.decode(keys[start:start + batch_size], chunk, None,
                                       np.arange(start, start + len(chunk)))
             result = engine.process(batch)
-            offsets = batch.offsets.tolist()
-            encode_outputs(batch, result, model.fingerprint,
-                           lambda p: {"topic": "events", "partition": 0, "offset": offsets[p]})
+            encode_outputs(batch, result, model.fingerprint, topic_source(["events"] * len(chunk), batch))
             collector.maybe_collect()
         return len(values) / (time.perf_counter() - started)
 

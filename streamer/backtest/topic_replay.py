@@ -44,7 +44,7 @@ from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.files import OutputWriter
-from streamer.io.outputs import SourceFn, encode_dead_letter_line, encode_output_lines, encode_outputs
+from streamer.io.outputs import encode_dead_letter_line, encode_output_lines, encode_outputs, topic_source
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.range_reader import RangeReader
@@ -632,7 +632,7 @@ async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentM
                                          records.partitions)
             step = engine.process(batch)
             if targets is None and sink.writes_lines:
-                produced, lines = encode_output_lines(batch, step, model.fingerprint, _round_source(batch, records))
+                produced, lines = encode_output_lines(batch, step, model.fingerprint, topic_source(records.topics, batch))
                 sink.write_lines(produced, lines)
             else:
                 encoded = _encode(batch, step, model.fingerprint, records, router,
@@ -656,7 +656,7 @@ def _encode(batch: EventBatch, step: StepResult, fingerprint: str, records: Roun
             strip_targets: bool) -> list[tuple[int, OutputRecord]]:
     """Encode outputs like the live service, with source ``{topic, partition, offset}``, in batch order."""
     to_encode = dataclasses.replace(batch, targets=None) if strip_targets else batch
-    encoded = encode_outputs(to_encode, step, fingerprint, _round_source(batch, records))
+    encoded = encode_outputs(to_encode, step, fingerprint, topic_source(records.topics, batch))
     if not router.routes:
         return [(position, (0, key, value)) for position, key, value in encoded]
     record_index = batch.record_index.tolist()
@@ -666,14 +666,6 @@ def _encode(batch: EventBatch, step: StepResult, fingerprint: str, records: Roun
         index = record_index[position]
         routed.append((position, (router(topics[index], partitions[index], keys[index], key), key, value)))
     return routed
-
-
-def _round_source(batch: EventBatch, records: Round) -> SourceFn:
-    """Return the ``source`` function of ``batch``: each event's topic, partition and offset."""
-    record_index = batch.record_index.tolist()
-    topics, partitions, offsets = records.topics, batch.partitions.tolist(), batch.offsets.tolist()
-    return lambda position: {"topic": topics[record_index[position]], "partition": partitions[position],
-                             "offset": offsets[position]}
 
 
 def _dead_letter_lines(dead: list[DeadLetter], records: Round, result: TopicBacktestResult) -> list[bytes]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import orjson
@@ -20,14 +20,15 @@ HEADER_SOURCE_TOPIC = "streamer.source.topic"
 HEADER_SOURCE_PARTITION = "streamer.source.partition"
 HEADER_SOURCE_OFFSET = "streamer.source.offset"
 
-SourceFn = Callable[[int], dict[str, Any]]
+# Returns the ``source`` object of the events at the given batch positions.
+SourceFn = Callable[[list[int]], list[dict[str, Any]]]
 
 
 def encode_outputs(batch: EventBatch, result: StepResult, fingerprint: str, source: SourceFn
                    ) -> list[tuple[int, bytes, bytes]]:
     """Return ``(event position, key, value)`` for every applied event, in batch order.
 
-    ``source(position)`` gives the ``source`` object of the event at that position of the batch.
+    ``source(positions)`` gives the ``source`` objects of the events at those positions of the batch.
     """
     entities = batch.entities
     with paused_gc():
@@ -47,10 +48,8 @@ def encode_output_lines(batch: EventBatch, result: StepResult, fingerprint: str,
         _, documents = _output_documents(batch, result, fingerprint, source)
         if not documents:
             return 0, b""
-        body = orjson.dumps(documents)[1:-1]
-        if body.count(_SEPARATOR) != len(documents) - 1:
-            return len(documents), b"".join(orjson.dumps(document) + b"\n" for document in documents)
-        return len(documents), body.replace(_SEPARATOR, _LINE_SEPARATOR) + b"\n"
+        # The separator occurs only between documents (see _SEPARATOR), so replacing it splits the lines.
+        return len(documents), orjson.dumps(documents)[1:-1].replace(_SEPARATOR, _LINE_SEPARATOR) + b"\n"
 
 
 def _output_documents(batch: EventBatch, result: StepResult, fingerprint: str, source: SourceFn
@@ -61,8 +60,8 @@ def _output_documents(batch: EventBatch, result: StepResult, fingerprint: str, s
     ts_column = [None if ts == NO_TIME else ts for ts in batch.ts_ms.tolist()]
     positions = np.flatnonzero(result.applied).tolist()
     documents = [{"entity": entities[position], "ts": ts_column[position], "step": steps[position],
-                  "prediction": predictions[position], "model": fingerprint, "source": source(position)}
-                 for position in positions]
+                  "prediction": predictions[position], "model": fingerprint, "source": event_source}
+                 for position, event_source in zip(positions, source(positions))]
     if batch.targets is not None:
         targets = batch.targets
         for position, document in zip(positions, documents):
@@ -72,7 +71,8 @@ def _output_documents(batch: EventBatch, result: StepResult, fingerprint: str, s
 
 
 # Every output document starts with its "entity" key. Between two documents in one JSON array, orjson writes
-# this separator, which cannot occur inside an encoded string because a quote there is always escaped.
+# this separator. It cannot occur inside an encoded string, because a quote there is always escaped, nor
+# inside a document, whose values hold no objects in lists.
 _DOCUMENT_START = b'{"entity":'
 _SEPARATOR = b'},{"entity":'
 _LINE_SEPARATOR = b'}\n{"entity":'
@@ -88,15 +88,23 @@ def _dumps_each(documents: list[dict]) -> list[bytes]:
     return [_DOCUMENT_START + piece + b"}" for piece in pieces]
 
 
-def kafka_source(topic: str, batch: EventBatch) -> SourceFn:
+def topic_source(topics: Sequence[str], batch: EventBatch) -> SourceFn:
+    """Return the sources ``{topic, partition, offset}`` of a batch decoded from Kafka records.
+
+    ``topics[i]`` is the topic of the batch's input record ``i`` (``batch.record_index`` maps positions to
+    records); partitions and offsets come from the batch.
+    """
+    record_index = batch.record_index.tolist()
     partitions = batch.partitions.tolist()
     offsets = batch.offsets.tolist()
-    return lambda position: {"topic": topic, "partition": partitions[position], "offset": offsets[position]}
+    return lambda positions: [{"topic": topics[record_index[position]], "partition": partitions[position],
+                               "offset": offsets[position]} for position in positions]
 
 
 def file_source(file_name: str, batch: EventBatch) -> SourceFn:
+    """Return the sources ``{file, record}`` of a batch read from a file."""
     offsets = batch.offsets.tolist()
-    return lambda position: {"file": file_name, "record": offsets[position]}
+    return lambda positions: [{"file": file_name, "record": offsets[position]} for position in positions]
 
 
 def dead_letter_headers(letter: DeadLetter, topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:

@@ -201,16 +201,13 @@ class RangeReader:
                 if producer_id is not None and _is_abort_marker(batch):
                     aborted_producers.discard(producer_id)
             elif not (batch.is_transactional and producer_id in aborted_producers):
-                for record in batch:
-                    offset = record.offset
-                    if offset < position:
-                        continue
-                    if offset >= end:
-                        break
-                    offsets.append(offset)
-                    timestamps.append(record.timestamp)
-                    keys.append(record.key)
-                    values.append(record.value)
+                kept = list(batch)
+                if kept and (kept[0].offset < position or kept[-1].offset >= end):
+                    kept = [record for record in kept if position <= record.offset < end]
+                offsets.extend([record.offset for record in kept])
+                timestamps.extend([record.timestamp for record in kept])
+                keys.extend([record.key for record in kept])
+                values.extend([record.value for record in kept])
             position = max(position, batch.next_offset)
         if not read_any and records.size_in_bytes() > 0:
             raise BrokerError(f"A record batch of {tp.topic}[{tp.partition}] at offset {position} is larger than "

@@ -23,7 +23,7 @@ from streamer.engine import Engine, EventBatch, StepResult
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError, StateError
 from streamer.io.events import DeadLetter, EventDecoder
-from streamer.io.outputs import dead_letter_headers, encode_outputs
+from streamer.io.outputs import dead_letter_headers, encode_outputs, topic_source
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
 from streamer.kafka.fetched import FetchedBatch
@@ -611,13 +611,7 @@ class StreamerService:
         keys = fetched.keys
         record_index = batch.record_index.tolist()
         partitions = batch.partitions.tolist()
-        offsets = batch.offsets.tolist()
-
-        def source(position: int) -> dict:
-            return {"topic": topics[record_index[position]], "partition": partitions[position],
-                    "offset": offsets[position]}
-
-        encoded = encode_outputs(batch, result, self.model.fingerprint, source)
+        encoded = encode_outputs(batch, result, self.model.fingerprint, topic_source(topics, batch))
         partitioner = self._output_partitioner
         # Outputs are keyed by entity. With equal partition counts, an input keyed by entity and written with the
         # default partitioner is already on the output's partition number, so that number is reused unhashed.

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import orjson
 import pytest
 
 from streamer.engine.batch import EventBatch, StepResult
 from streamer.io.files import OutputWriter
-from streamer.io.outputs import encode_output_lines, encode_outputs, file_source
+from streamer.io.outputs import encode_output_lines, encode_outputs, file_source, topic_source
 
 AWKWARD_ENTITIES = ['},{"entity":"x', 'quote " and \\ backslash', "naïve 東京", "", "a\nb", '{"entity":'] * 3
 
@@ -78,3 +80,15 @@ def test_writer_takes_lines_for_json_lines_only(tmp_path):
         assert not parquet.writes_lines
         with pytest.raises(ValueError, match="Parquet"):
             parquet.write_lines(1, b'{"a":1}\n')
+
+
+def test_topic_source_follows_record_index():
+    # Record 1 of the fetch was a dead letter, so the batch's events come from records 0, 2 and 3.
+    built = EventBatch.build(["a", "b", "c"], np.zeros((3, 2)), offsets=np.array([10, 12, 13]),
+                             partitions=np.array([0, 1, 1]))
+    batch = dataclasses.replace(built, record_index=np.array([0, 2, 3]))
+    topics = ["t0", "t-dead", "t1", "t2"]
+
+    sources = topic_source(topics, batch)([0, 2])
+
+    assert sources == [{"topic": "t0", "partition": 0, "offset": 10}, {"topic": "t2", "partition": 1, "offset": 13}]
