@@ -232,8 +232,11 @@ class StateArena:
     def _reset_slots(self, slots: np.ndarray) -> None:
         if slots.size == 0:
             return
-        for name, shape in self.row_shapes.items():
-            self.scatter(name, slots, torch.zeros(slots.size, *shape, dtype=self.dtype, device=self.device))
+        # Zeroing in place needs no temporary tensor as large as the rows, which would raise the peak memory.
+        location = self.locate(slots)
+        for name in self.row_shapes:
+            for page, rows, _ in location.parts:
+                self._pages[page][name].index_fill_(0, rows, 0.0)
         self.steps[slots] = 0
         self.last_offset[slots] = NO_OFFSET
         self.last_event_ms[slots] = NO_TIME
