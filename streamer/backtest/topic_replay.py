@@ -632,7 +632,8 @@ async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentM
                                          records.partitions)
             step = engine.process(batch)
             if targets is None and sink.writes_lines:
-                produced, lines = encode_output_lines(batch, step, model.fingerprint, topic_source(records.topics, batch))
+                produced, lines = encode_output_lines(batch, step, model.fingerprint,
+                                                      topic_source(records.topics, batch))
                 sink.write_lines(produced, lines)
             else:
                 encoded = _encode(batch, step, model.fingerprint, records, router,
