@@ -60,8 +60,8 @@ def backtest(
 ) -> None:
     """Replay a file or a range of Kafka topics through the engine and write one output per valid event.
 
-    A topic replay reads with Fetch requests of its own and no consumer group, so it commits no offsets
-    and a running service does not notice it.
+    A topic replay reads with Fetch requests of its own and joins no consumer group.
+    It commits no offsets, so a running service does not notice it.
     """
     from streamer.backtest.runner import backtest_file_command
     from streamer.errors import ConfigError
@@ -229,6 +229,42 @@ def kafka_stop(data_dir: Optional[Path] = typer.Option(None, help="Broker data d
 
     configure_logging()
     typer.echo("stopped" if stop_detached(data_dir=data_dir) else "not running")
+
+
+@kafka_app.command("produce")
+def kafka_produce(
+    input: Path = typer.Argument(..., help="Events to produce: a .jsonl, .csv or .parquet file, in file order."),
+    topic: str = typer.Option(..., help="Topic to produce to; created with --partitions partitions if missing."),
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Broker address (default: the local broker "
+                                                    "started with `streamer kafka start`)."),
+    partitions: int = typer.Option(4, min=1, help="Partitions of a topic this command creates."),
+    model: Optional[Path] = typer.Option(None, help="Model bundle whose feature names map a CSV's columns to features."),
+) -> None:
+    """Produce the events of a file to a topic, keyed by entity, to try `run` and `backtest --topic`.
+
+    Records whose entity cannot be read are produced without a key, so the service dead-letters them.
+    """
+    import asyncio
+
+    from streamer.errors import ConfigError
+    from streamer.kafka.file_producer import produce_file
+    from streamer.kafka.local_broker import broker_status
+
+    configure_logging()
+    if bootstrap_servers is None:
+        state = broker_status()
+        if state is None:
+            raise ConfigError("Missing --bootstrap-servers: no local broker is running; start one with "
+                              "`streamer kafka start` or pass the broker's address")
+        bootstrap_servers = state.bootstrap_servers
+    feature_names = None
+    if model is not None:
+        from streamer.model import load_model
+
+        feature_names = load_model(model).manifest.feature_names
+    count = asyncio.run(produce_file(input, topic, bootstrap_servers, partitions=partitions,
+                                     feature_names=feature_names))
+    typer.echo(f"produced {count} records to {topic} on {bootstrap_servers}")
 
 
 @kafka_app.command("status")

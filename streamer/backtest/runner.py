@@ -50,6 +50,16 @@ def backtest_file_command(*, model: Path, input_path: Path, output_path: Path, s
     typer.echo(f"outputs:      {result.output_path}")
     typer.echo(f"dead letters: {result.dead_letter_path} ({result.dead_letters})")
     typer.echo(f"report:       {paths.html}")
+    warn_if_all_dead(result)
+
+
+def warn_if_all_dead(result: BacktestResult) -> None:
+    """Print a warning when every event went to the dead letters, which usually means a wrong model or file."""
+    if not result.events or result.dead_letters < result.events:
+        return
+    reason, count = max(result.dead_letter_reasons.items(), key=lambda item: item[1])
+    typer.echo(f"warning: all {result.events} events are dead letters, {count} of them for {reason}; check that "
+               "the model's inputs match the events (feature count and names)", err=True)
 
 
 def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path | None = None,
@@ -111,3 +121,4 @@ def backtest_topic_command(*, model: Path, spec: TopicReplaySpec, output_path: P
     typer.echo(f"outputs:      {result.output_path or 'topic ' + result.output_topic}")
     typer.echo(f"dead letters: {result.dead_letter_path} ({result.dead_letters})")
     typer.echo(f"report:       {paths.html}")
+    warn_if_all_dead(result)

@@ -128,7 +128,7 @@ class EventDecoder:
         if reset is None:
             reset = False
         elif type(reset) is not bool:
-            raise InvalidEventError(f"Invalid reset {str(reset)[:32]}: expected true or false",
+            raise InvalidEventError(f"Invalid reset {str(reset)[:32]!r}: expected true or false",
                                     reason=errors.INVALID_RESET)
         target = document.get(fmt.target_field)
         if target is not None:

@@ -115,6 +115,18 @@ def test_cli_backtest_writes_report(case, tmp_path):
     assert (tmp_path / "o-report" / "report.html").is_file()
 
 
+def test_cli_warns_when_every_event_is_a_dead_letter(case, tmp_path):
+    case_dir, _ = case
+    (tmp_path / "wide.jsonl").write_text("".join(f'{{"entity": "e{i}", "features": [1, 2, 3, 4, 5, 6, 7]}}\n'
+                                                 for i in range(3)))
+    completed = subprocess.run([sys.executable, "-m", "streamer", "backtest", "--model", str(case_dir / "net.pt"),
+                                "--input", str(tmp_path / "wide.jsonl"), "--output", str(tmp_path / "o.jsonl")],
+                               capture_output=True, text=True)
+
+    assert completed.returncode == 0, completed.stderr
+    assert "warning: all 3 events are dead letters, 3 of them for feature_count" in completed.stderr
+
+
 def test_cli_rejects_bidirectional_model(tmp_path):
     lstm = torch.nn.LSTM(3, 4, bidirectional=True, batch_first=True)
     state_dict = {**{f"lstm.{k}": v for k, v in lstm.state_dict().items()},
