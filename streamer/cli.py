@@ -112,14 +112,30 @@ def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], boots
 
 
 def _flag(default, name: str, text: str, **options):
-    return typer.Option(default, help=env_help(text, name), show_default=False, **options)
+    """A `run` flag that falls back to the setting ``name``; its help shows the setting's default and variable."""
+    shown = _setting_default(name)
+    if shown is None:
+        return typer.Option(default, help=env_help(text, name), show_default=False, **options)
+    return typer.Option(default, help=f"{text} (default: {shown}; env: STREAMER_{name.upper()})",
+                        show_default=False, **options)
+
+
+def _setting_default(name: str) -> str | None:
+    """Return the default of setting ``name`` as help text shows it, or None when it has none."""
+    from streamer.config import Settings
+
+    field = Settings.model_fields.get(name)
+    value = None if field is None else field.get_default(call_default_factory=True)
+    if value is None or value == "":
+        return None
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 @app.command()
 def run(
     config: Optional[Path] = typer.Option(None, help="TOML settings file; flags and STREAMER_* variables win over it."),
     model: Optional[Path] = _flag(None, "model", "Model bundle or plain seed state_dict file."),
-    semantics: Optional[str] = _flag(None, "semantics", "stateful (default) or window."),
+    semantics: Optional[str] = _flag(None, "semantics", "stateful or window."),
     seq_len: Optional[int] = _flag(None, "seq_len", "Window length for window semantics."),
     bootstrap_servers: Optional[str] = _flag(None, "bootstrap_servers", "Kafka bootstrap servers (host:port,...)."),
     input_topics: Optional[str] = _flag(None, "input_topics", "Comma-separated input topics."),
@@ -135,9 +151,9 @@ def run(
     shutdown_timeout_s: Optional[float] = _flag(None, "shutdown_timeout_s", "Deadline for a clean stop, in s."),
     max_entities: Optional[int] = _flag(None, "max_entities", "State capacity; LRU entities are evicted."),
     idle_expiry_ms: Optional[int] = _flag(None, "idle_expiry_ms", "Expire entities idle this long in event time."),
-    torch_threads: Optional[int] = _flag(None, "torch_threads", "torch intra-op threads (default 1)."),
+    torch_threads: Optional[int] = _flag(None, "torch_threads", "torch intra-op threads."),
     device: Optional[str] = _flag(None, "device", "torch device for the model and state arena: cpu, cuda, cuda:1."),
-    guarantee: Optional[str] = _flag(None, "guarantee", "at-least-once (default) or exactly-once."),
+    guarantee: Optional[str] = _flag(None, "guarantee", "at-least-once or exactly-once."),
     changelog: Optional[bool] = typer.Option(None, "--changelog/--no-changelog", show_default=False,
                                              help=env_help("Keep state durable in <group>-state-changelog.",
                                                            "changelog")),
