@@ -25,7 +25,7 @@ def test_run_help_shows_setting_defaults():
     assert "(default: stateful; env: STREAMER_SEMANTICS)" in text
 
 
-def test_run_help_names_the_variable_of_flags_without_default():
+def test_run_help_without_default():
     text = help_text("run")
 
     assert "Model bundle or plain seed state_dict file. (env: STREAMER_MODEL)" in text
