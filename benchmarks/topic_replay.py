@@ -141,7 +141,8 @@ def main() -> None:
     parser.add_argument("--entities", type=int, default=10_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="records per partition per engine batch (default: the replay's default)")
+                        help="records per partition per engine batch "
+                             "(default: 4,096 per round split over the partitions)")
     parser.add_argument("--repeats", type=int, default=None, help="replays of the topic (default 3, quick 1)")
     parser.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting one")
     parser.add_argument("--profile", type=Path, default=None,

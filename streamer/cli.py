@@ -112,11 +112,11 @@ def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], boots
 
 
 def _flag(default, name: str, text: str, **options):
-    """A `run` flag that falls back to the setting ``name``; its help shows the setting's default and variable."""
-    shown = _setting_default(name)
-    if shown is None:
+    """Return a `run` option that falls back to the setting ``name``, with the setting's default in its help."""
+    default_text = _setting_default(name)
+    if default_text is None:
         return typer.Option(default, help=env_help(text, name), show_default=False, **options)
-    return typer.Option(default, help=f"{text} (default: {shown}; env: STREAMER_{name.upper()})",
+    return typer.Option(default, help=f"{text} (default: {default_text}; env: STREAMER_{name.upper()})",
                         show_default=False, **options)
 
 
@@ -254,7 +254,8 @@ def kafka_produce(
     bootstrap_servers: Optional[str] = typer.Option(None, help="Broker address (default: the local broker "
                                                     "started with `streamer kafka start`)."),
     partitions: int = typer.Option(4, min=1, help="Partitions of a topic this command creates."),
-    model: Optional[Path] = typer.Option(None, help="Model bundle whose feature names map a CSV's columns to features."),
+    model: Optional[Path] = typer.Option(None, help="Model bundle whose feature names map a CSV's columns to "
+                                         "features."),
 ) -> None:
     """Produce the events of a file to a topic, keyed by entity, to try `run` and `backtest --topic`.
 

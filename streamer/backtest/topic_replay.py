@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 INITIAL_STATES = ("empty", "changelog:GROUP", "snapshot:GROUP:DIR")
 # Default records per round, split evenly across the replayed partitions. The engine's throughput peaks
-# near 4,096 events per batch; rounds of 16,384 (4,096 from each of four partitions) replayed about 6 %
+# near 4,096 events per batch. Rounds of 16,384 (4,096 from each of four partitions) replayed about 6 %
 # slower in interleaved runs.
 ROUND_EVENTS = 4096
 DEFAULT_STALL_TIMEOUT_S = 60.0

@@ -133,7 +133,7 @@ class OutputWriter:
 
     @property
     def writes_lines(self) -> bool:
-        """Whether the file is JSON Lines, which ``write_lines`` takes directly."""
+        """Return whether the file is JSON Lines, which ``write_lines`` accepts directly."""
         return self._file is not None
 
     def write_lines(self, count: int, lines: bytes) -> None:

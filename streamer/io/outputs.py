@@ -20,7 +20,7 @@ HEADER_SOURCE_TOPIC = "streamer.source.topic"
 HEADER_SOURCE_PARTITION = "streamer.source.partition"
 HEADER_SOURCE_OFFSET = "streamer.source.offset"
 
-# Returns the ``source`` object of the events at the given batch positions.
+# A function from batch positions to the ``source`` objects of the events at those positions.
 SourceFn = Callable[[list[int]], list[dict[str, Any]]]
 
 
@@ -72,7 +72,7 @@ def _output_documents(batch: EventBatch, result: StepResult, fingerprint: str, s
 
 # Every output document starts with its "entity" key. Between two documents in one JSON array, orjson writes
 # this separator. It cannot occur inside an encoded string, because a quote there is always escaped, nor
-# inside a document, whose values hold no objects in lists.
+# inside a document, whose values contain no lists of objects.
 _DOCUMENT_START = b'{"entity":'
 _SEPARATOR = b'},{"entity":'
 _LINE_SEPARATOR = b'}\n{"entity":'
@@ -91,8 +91,8 @@ def _dumps_each(documents: list[dict]) -> list[bytes]:
 def topic_source(topics: Sequence[str], batch: EventBatch) -> SourceFn:
     """Return the sources ``{topic, partition, offset}`` of a batch decoded from Kafka records.
 
-    ``topics[i]`` is the topic of the batch's input record ``i`` (``batch.record_index`` maps positions to
-    records); partitions and offsets come from the batch.
+    ``topics[i]`` is the topic of the batch's input record ``i``, and ``batch.record_index`` maps positions to
+    records. Partitions and offsets come from the batch.
     """
     record_index = batch.record_index.tolist()
     partitions = batch.partitions.tolist()

@@ -1,14 +1,15 @@
 """Reading fixed offset ranges of partitions with Fetch requests, for replays.
 
 A replay reads offset ranges fixed before it starts and joins no group, so it needs none of the consumer's
-position tracking, rebalancing or per-record objects. ``RangeReader`` sends Fetch requests
-itself, one per partition leader, keeps them in flight while the caller processes what it already holds,
-and keeps records as parallel columns per partition. Reading with ``AIOKafkaConsumer`` costs about twice
-the CPU per record, most of it in building one ``ConsumerRecord`` per record.
+position tracking, rebalancing or per-record objects. ``RangeReader`` sends Fetch requests itself, one per
+partition leader, keeps them in flight while the caller processes the records it already has, and buffers
+records as parallel columns per partition. Reading 300,000 records with ``AIOKafkaConsumer`` took about
+1.6 µs of CPU per record on the benchmark machine, against 0.8 µs here, because the consumer builds one
+``ConsumerRecord`` per record.
 
-Records are read as a read_committed consumer sees them: only up to the last stable offset, without
-control batches, and without the batches of aborted transactions (found with the aborted-transaction
-list of each Fetch response, as the Kafka consumer does). Record batch CRCs are checked.
+Records are read with read_committed isolation: only up to the last stable offset, without control batches,
+and without the batches of aborted transactions. Those are found with the aborted-transaction list of each
+Fetch response, as the Kafka consumer does. Record batch CRCs are checked.
 """
 
 from __future__ import annotations
@@ -159,21 +160,20 @@ class RangeReader:
                     continue
                 error_type = for_code(error_code)
                 if error_type is NoError:
-                    # v11 and later: last stable offset, log start offset, aborted transactions, preferred
-                    # read replica, records. v4 to v10: the same without the replica (v4 also without the
-                    # log start offset).
-                    aborted = rest[2] if response.API_VERSION >= 11 else rest[-2]
-                    self._read_records(tp, MemoryRecords(rest[-1]), aborted or [])
+                    self._read_records(tp, MemoryRecords(rest[-1]), _aborted_transactions(response, rest) or [])
                 elif error_type is OffsetOutOfRangeError:
                     raise BrokerError(f"Offset {self._position[tp]} of {topic}[{partition}] is no longer on the "
                                       "broker: retention or deletion removed it; replay from a later offset")
                 elif error_type.retriable:
+                    # NOTE: this path runs in tests only with a fake client, because the test broker is one node
+                    # and its leaders never move.
                     logger.info("Fetch of %s[%d] returned %s; refreshing metadata and retrying", topic, partition,
                                 error_type.__name__)
                     self._client.force_metadata_update()
                     self._retry_later()
                 else:
-                    raise BrokerError(f"Fetch of {topic}[{partition}] failed: {error_type.__name__}")
+                    raise BrokerError(f"Fetch of {topic}[{partition}] failed: {error_type.__name__}; check the "
+                                      "broker's log and the topic's access rights")
 
     def _retry_later(self) -> None:
         self._retry_at = time.monotonic() + self._retry_backoff_s
@@ -192,7 +192,7 @@ class RangeReader:
             read_any = True
             if not batch.validate_crc():
                 raise BrokerError(f"Corrupt record batch in {tp.topic}[{tp.partition}] at offset "
-                                  f"{batch.base_offset}: CRC mismatch")
+                                  f"{batch.base_offset}: CRC mismatch; check the broker's log segments")
             producer_id = batch.producer_id
             if producer_id is not None:
                 while pending_aborts and pending_aborts[0][1] <= batch.base_offset:
@@ -201,18 +201,32 @@ class RangeReader:
                 if producer_id is not None and _is_abort_marker(batch):
                     aborted_producers.discard(producer_id)
             elif not (batch.is_transactional and producer_id in aborted_producers):
-                kept = list(batch)
-                if kept and (kept[0].offset < position or kept[-1].offset >= end):
-                    kept = [record for record in kept if position <= record.offset < end]
-                offsets.extend([record.offset for record in kept])
-                timestamps.extend([record.timestamp for record in kept])
-                keys.extend([record.key for record in kept])
-                values.extend([record.value for record in kept])
+                in_range = list(batch)
+                if in_range and (in_range[0].offset < position or in_range[-1].offset >= end):
+                    in_range = [record for record in in_range if position <= record.offset < end]
+                offsets.extend([record.offset for record in in_range])
+                timestamps.extend([record.timestamp for record in in_range])
+                keys.extend([record.key for record in in_range])
+                values.extend([record.value for record in in_range])
             position = max(position, batch.next_offset)
         if not read_any and records.size_in_bytes() > 0:
             raise BrokerError(f"A record batch of {tp.topic}[{tp.partition}] at offset {position} is larger than "
-                              f"the fetch size of {self._partition_max_bytes} bytes")
+                              f"the fetch size of {self._partition_max_bytes} bytes; raise partition_max_bytes")
         self._position[tp] = position
+
+
+def _aborted_transactions(response, partition_fields: list) -> list[tuple[int, int]] | None:
+    """Return the ``(producer id, first offset)`` list of one partition of a Fetch response.
+
+    After partition, error code and high watermark, v11 and later carry the last stable offset, log start
+    offset, aborted transactions, preferred read replica and records. v5 to v10 carry the same without the
+    replica, v4 also without the log start offset, and v0 to v3 only the records.
+    """
+    if response.API_VERSION >= 11:
+        return partition_fields[2]
+    if response.API_VERSION >= 4:
+        return partition_fields[-2]
+    return None
 
 
 def _is_abort_marker(batch) -> bool:

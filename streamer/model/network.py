@@ -127,7 +127,7 @@ class RecurrentModel:
         hidden = self.manifest.hidden_size
         new_h = torch.empty_like(h)
         new_c = torch.empty_like(c)
-        # unbind and split return all views in one call each; per-layer indexing costs more for small batches.
+        # unbind and split return all views in one call each, which costs less than per-layer indexing.
         h_in, c_in, h_out, c_out = h.unbind(1), c.unbind(1), new_h.unbind(1), new_c.unbind(1)
         layer_input = x
         for layer, (weight, bias) in enumerate(self._fused_lstm):

@@ -33,7 +33,7 @@ class RemovedEntity:
 
 @dataclass(frozen=True)
 class Location:
-    """Where a sequence of slots lives: ``(page, rows in the page, positions in the sequence or None for all)``."""
+    """Page rows of a sequence of slots: ``(page, rows in the page, positions in the sequence or None for all)``."""
 
     size: int
     parts: list[tuple[int, torch.Tensor, torch.Tensor | None]]

@@ -115,7 +115,7 @@ def test_cli_backtest_writes_report(case, tmp_path):
     assert (tmp_path / "o-report" / "report.html").is_file()
 
 
-def test_cli_warns_when_every_event_is_a_dead_letter(case, tmp_path):
+def test_cli_all_dead_letters_warns(case, tmp_path):
     case_dir, _ = case
     (tmp_path / "wide.jsonl").write_text("".join(f'{{"entity": "e{i}", "features": [1, 2, 3, 4, 5, 6, 7]}}\n'
                                                  for i in range(3)))

@@ -123,7 +123,7 @@ def test_replay_order_is_round_robin_by_partition(kafka_bootstrap, events_topic,
     assert sources(tmp_path / "out.jsonl") == expected
 
 
-def test_default_round_splits_round_events_across_partitions(kafka_bootstrap, events_topic, model_path, tmp_path):
+def test_default_round_splits_across_partitions(kafka_bootstrap, events_topic, model_path, tmp_path):
     result = replay(kafka_bootstrap, model_path, (events_topic,), tmp_path / "out.jsonl")
 
     assert len(result.ranges) > 1

@@ -82,8 +82,8 @@ def test_small_fetches_still_read_everything(kafka_bootstrap, unique_topic):
     asyncio.run(produce(kafka_bootstrap, unique_topic, [b"v%03d" % i for i in range(50)], batch_per_record=True))
     tp = TopicPartition(unique_topic, 0)
 
-    # Each record is its own batch; a partition limit of a few batches needs several requests, and a limit
-    # below one batch would still return that batch (the broker's rule).
+    # Each record is its own batch, so a partition limit of a few batches needs several requests. A limit
+    # below one batch would still return that batch, by the broker's rule.
     rows, requests = asyncio.run(read_all(kafka_bootstrap, [(tp, 0, 50)], count=10, partition_max_bytes=200))
 
     assert [value for _, _, _, value in rows[tp]] == [b"v%03d" % i for i in range(50)]
@@ -118,7 +118,7 @@ def test_aborted_transactions_and_markers_are_skipped(kafka_bootstrap, unique_to
     assert [value for _, _, _, value in rows[tp]] == [b"committed-1", b"committed-2", b"committed-3"]
 
 
-def test_an_offset_removed_from_the_log_raises(kafka_bootstrap, unique_topic):
+def test_reader_removed_offset_raises(kafka_bootstrap, unique_topic):
     asyncio.run(produce(kafka_bootstrap, unique_topic, [b"x"] * 3))
     tp = TopicPartition(unique_topic, 0)
 
@@ -126,7 +126,7 @@ def test_an_offset_removed_from_the_log_raises(kafka_bootstrap, unique_topic):
         asyncio.run(read_all(kafka_bootstrap, [(tp, 10, 20)]))
 
 
-def test_a_range_beyond_the_data_stalls_with_a_clear_error(kafka_bootstrap, unique_topic):
+def test_reader_range_past_data_stalls(kafka_bootstrap, unique_topic):
     asyncio.run(produce(kafka_bootstrap, unique_topic, [b"x"] * 3))
     tp = TopicPartition(unique_topic, 0)
 
