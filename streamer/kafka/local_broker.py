@@ -570,8 +570,15 @@ def tool_jvm_options() -> list[str]:
 
 
 def _random_kafka_uuid() -> str:
-    """Return a cluster id in Kafka's format: 16 random bytes, URL-safe base64 without padding."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    """Return a cluster id in Kafka's format: 16 random bytes, URL-safe base64 without padding.
+
+    An id that starts with "-" is drawn again, as Kafka's own ``Uuid.randomUuid`` does: the storage tool's
+    argument parser reads ``--cluster-id -abc...`` as a missing value followed by an unknown option.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _free_port(exclude: set[int]) -> int:

@@ -6,10 +6,12 @@ All tests run against a real broker started from the Maven Central jars.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import struct
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ from streamer.kafka.local_broker import (
     BrokerError,
     LocalKafka,
     main,
+    _random_kafka_uuid,
     probe_broker_count,
     read_state_file,
 )
@@ -179,6 +182,17 @@ async def consume_to_end(
 
 
 # Broker lifecycle.
+
+
+def test_cluster_id_never_starts_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0xF8 encodes to "-" as the first base64url character; the storage tool would read it as an option.
+    drawn = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" + bytes(15))])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(drawn))
+
+    cluster_id = _random_kafka_uuid()
+
+    assert cluster_id == "AQAAAAAAAAAAAAAAAAAAAA"
+    assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
 
 
 def test_broker_serves_metadata(kafka_broker: LocalKafka, kafka_bootstrap: str) -> None:
