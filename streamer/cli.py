@@ -11,9 +11,14 @@ import typer
 
 from streamer.errors import StreamerError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Help is plain text wrapped to the terminal (rich_markup_mode=None): the rich option tables crop long words
+# such as STREAMER_BOOTSTRAP_SERVERS on an 80-column terminal.
+HELP_SETTINGS = {"max_content_width": 120}
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings=HELP_SETTINGS,
                   help="Streaming stateful inference for recurrent models over per-entity event streams.")
-kafka_app = typer.Typer(no_args_is_help=True, help="Run a local single-node Apache Kafka broker for tests and demos.")
+kafka_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_settings=HELP_SETTINGS,
+                        help="Run a local single-node Apache Kafka broker for tests and demos.")
 app.add_typer(kafka_app, name="kafka")
 
 

@@ -10,10 +10,15 @@ from streamer.cli import app
 from streamer.config import Settings
 
 
-def help_text(*args: str) -> str:
-    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "240", "TERMINAL_WIDTH": "240"})
+def raw_help(*args: str, columns: int = 240) -> str:
+    result = CliRunner().invoke(app, [*args, "--help"], terminal_width=columns)
     assert result.exit_code == 0, result.output
-    return re.sub(r"[\s│]+", " ", result.output)
+    return result.output
+
+
+def help_text(*args: str) -> str:
+    """Help with runs of whitespace made one space, so that wrapping does not matter."""
+    return re.sub(r"\s+", " ", raw_help(*args))
 
 
 def test_run_help_shows_setting_defaults():
@@ -37,3 +42,16 @@ def test_kafka_produce_help():
 
     assert "keyed by entity" in text
     assert "--partitions" in text
+
+
+def test_run_help_fits_an_80_column_terminal():
+    output = raw_help("run", columns=80)
+    joined = re.sub(r"\s+", "", output)
+
+    variables = set(re.findall(r"STREAMER_[A-Z_]+", raw_help("run")))
+
+    assert max(map(len, output.splitlines())) <= 80
+    assert "…" not in output
+    assert len(variables) > 20
+    for variable in variables:
+        assert variable in joined
