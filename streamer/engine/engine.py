@@ -67,9 +67,11 @@ class Engine:
         positions = np.flatnonzero(applied)
         waves = plan_waves(slots[positions])
         started = time.perf_counter()
+        # One wave of every event, the common case, indexes with a slice, which copies no arrays.
+        whole_batch = len(waves) == 1 and positions.size == n
         with torch.inference_mode():
             for wave in waves:
-                at = positions[wave]
+                at = slice(None) if whole_batch else positions[wave]
                 step_fn = self._step_stateful if self.semantics == "stateful" else self._step_window
                 y = step_fn(slots[at], batch.features[at], batch.resets[at])
                 predictions[at] = y.cpu().numpy()

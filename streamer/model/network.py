@@ -132,10 +132,11 @@ class RecurrentModel:
         layer_input = x
         for layer, (weight, bias) in enumerate(self._fused_lstm):
             gates = torch.addmm(bias, torch.cat([layer_input, h_in[layer]], 1), weight)
-            sigmoid_gates, cell_gate = gates.split([3 * hidden, hidden], 1)
+            # split_with_sizes and chunk are C methods, while Tensor.split is a Python wrapper around them.
+            sigmoid_gates, cell_gate = gates.split_with_sizes([3 * hidden, hidden], 1)
             sigmoid_gates.sigmoid_()
             cell_gate.tanh_()
-            input_gate, forget_gate, output_gate = sigmoid_gates.split(hidden, 1)
+            input_gate, forget_gate, output_gate = sigmoid_gates.chunk(3, 1)
             torch.mul(forget_gate, c_in[layer], out=c_out[layer])
             c_out[layer].addcmul_(input_gate, cell_gate)
             torch.tanh(c_out[layer], out=h_out[layer])
