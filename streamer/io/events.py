@@ -75,14 +75,18 @@ def _parse_json(value: bytes) -> Any:
             raise InvalidEventError(f"Invalid JSON: {error}", reason=errors.INVALID_JSON) from None
 
 
+# Larger epoch times are rejected, so that every accepted one and sums of two of them fit in an int64.
+MAX_ABS_TIMESTAMP_MS = 2**62
+
+
 def parse_timestamp_ms(value: Any) -> int:
     """Convert epoch milliseconds (a number) or an ISO-8601 string to epoch milliseconds."""
     if isinstance(value, bool):
         raise InvalidEventError(f"Invalid timestamp {value!r}: expected epoch milliseconds or ISO-8601",
                                 reason=errors.INVALID_TIMESTAMP)
-    if isinstance(value, int):
+    if isinstance(value, int) and abs(value) < MAX_ABS_TIMESTAMP_MS:
         return value
-    if isinstance(value, float) and math.isfinite(value) and abs(value) < 2**62:
+    if isinstance(value, float) and math.isfinite(value) and abs(value) < MAX_ABS_TIMESTAMP_MS:
         return int(value)
     if isinstance(value, str):
         try:
@@ -151,6 +155,14 @@ class EventDecoder:
         if type(entity) is not str or not entity:
             raise InvalidEventError(f"Invalid entity {str(entity)[:64]!r}: expected a non-empty string",
                                     reason=errors.INVALID_ENTITY)
+        if not entity.isascii():
+            # The standard parser, the fallback when orjson rejects a record, accepts escaped lone surrogates
+            # ("\ud800"), which no output can encode as UTF-8.
+            try:
+                entity.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidEventError(f"Invalid entity {entity[:64]!r}: contains an unpaired UTF-16 surrogate",
+                                        reason=errors.INVALID_ENTITY) from None
         return entity
 
     def _features(self, document: dict) -> list:
@@ -301,10 +313,11 @@ class EventDecoder:
     def _timestamp_column(self, documents: list[dict], timestamps_ms) -> list[int] | None:
         values = [document.get(self.format.ts_field) for document in documents]
         kinds = set(map(type, values))
-        if kinds == {int}:
+        if kinds == {int} and max(map(abs, values)) < MAX_ABS_TIMESTAMP_MS:
             return values
-        if not kinds <= {int, type(None)}:
-            return None  # ISO-8601 strings and floats take the per-record path
+        if not kinds <= {int, type(None)} or any(value is not None and abs(value) >= MAX_ABS_TIMESTAMP_MS
+                                                 for value in values):
+            return None  # ISO-8601 strings, floats and out-of-range numbers take the per-record path
         record_times = [None] * len(values) if timestamps_ms is None else timestamps_ms
         return [value if value is not None else (NO_TIME if record_time is None else record_time)
                 for value, record_time in zip(values, record_times)]

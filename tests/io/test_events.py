@@ -73,6 +73,10 @@ BAD_RECORDS = [
     (b'{"entity": "a", "features": [1e300, 2, 3]}', errors.NON_FINITE_FEATURE),
     (b'{"entity": "a", "features": [1, 2, 3], "ts": "yesterday"}', errors.INVALID_TIMESTAMP),
     (b'{"entity": "a", "features": [1, 2, 3], "ts": true}', errors.INVALID_TIMESTAMP),
+    (b'{"entity": "a", "features": [1, 2, 3], "ts": 9223372036854775808}', errors.INVALID_TIMESTAMP),
+    (b'{"entity": "a", "features": [1, 2, 3], "ts": -9223372036854775809}', errors.INVALID_TIMESTAMP),
+    (b'{"entity": "a", "features": [1, 2, 3], "ts": 4611686018427387904}', errors.INVALID_TIMESTAMP),
+    (b'{"entity": "\\ud800", "features": [1, 2, 3]}', errors.INVALID_ENTITY),
     (b'{"entity": "a", "features": [1, 2, 3], "reset": "yes"}', errors.INVALID_RESET),
     (b'{"entity": "a", "features": [1, 2, 3], "target": "high"}', errors.INVALID_TARGET),
     (b'{"entity": "\xff\xfe", "features": [1, 2, 3]}', errors.INVALID_UTF8),
@@ -88,6 +92,15 @@ def test_bad_record_has_reason(decoder, value, reason):
     assert [letter.reason for letter in dead] == [reason]
     assert dead[0].message
     assert reason in errors.INVALID_EVENT_REASONS
+
+
+def test_out_of_range_timestamp_keeps_valid_events(decoder):
+    values = [event(entity="a", ts=1000), event(entity="b", ts=2**62), event(entity="c", ts=None)]
+    batch, dead = decoder.decode([None] * 3, values, [5, 6, 7], [0, 1, 2])
+
+    assert batch.entities == ["a", "c"]
+    assert batch.ts_ms.tolist() == [1000, 7]
+    assert [(letter.index, letter.reason) for letter in dead] == [(1, errors.INVALID_TIMESTAMP)]
 
 
 def test_invalid_utf8_key_rejected(decoder):
