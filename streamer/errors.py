@@ -76,6 +76,7 @@ NON_FINITE_FEATURE = "non_finite_feature"
 INVALID_TIMESTAMP = "invalid_timestamp"
 INVALID_RESET = "invalid_reset"
 INVALID_TARGET = "invalid_target"
+INVALID_CSV_ROW = "invalid_csv_row"
 
 INVALID_EVENT_REASONS = (
     RECORD_TOO_LARGE,
@@ -91,4 +92,5 @@ INVALID_EVENT_REASONS = (
     INVALID_TIMESTAMP,
     INVALID_RESET,
     INVALID_TARGET,
+    INVALID_CSV_ROW,
 )

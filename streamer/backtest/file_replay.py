@@ -11,9 +11,11 @@ from typing import Any
 
 from streamer.backtest.progress import EventProgress
 from streamer.engine import Engine
+from streamer.engine.batch import EventBatch
 from streamer.engine.gc_pause import scheduled_collection
-from streamer.io.events import EventDecoder, EventFormat
-from streamer.io.files import OutputWriter, read_records
+from streamer.errors import ConfigError
+from streamer.io.events import DeadLetter, EventDecoder, EventFormat
+from streamer.io.files import OutputWriter, RecordChunk, read_records
 from streamer.io.outputs import encode_dead_letter_line, encode_output_lines, encode_outputs, file_source
 from streamer.model.network import RecurrentModel
 
@@ -69,6 +71,9 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     batch size give byte-identical output.
     """
     input_path, output_path = Path(input_path), Path(output_path)
+    for role, path in (("output", output_path), ("dead-letter", dead_letter_path_for(output_path))):
+        if path.exists() and input_path.exists() and path.samefile(input_path):
+            raise ConfigError(f"The {role} file {path} is the input file {input_path}: choose another output path")
     engine = Engine(model, semantics, capacity=max_entities, idle_expiry_ms=idle_expiry_ms)
     decoder = EventDecoder(event_format_for(model, max_record_bytes))
     result = BacktestResult(output_path=output_path, dead_letter_path=dead_letter_path_for(output_path))
@@ -79,7 +84,7 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
             EventProgress(f"backtest {input_path.name}", _total_events(input_path, show_progress),
                           show_progress) as advance:
         for chunk in read_records(input_path, batch_size, model.manifest.feature_names):
-            batch, dead = decoder.decode([None] * len(chunk.values), chunk.values, None, chunk.indices)
+            batch, dead = decode_chunk(decoder, chunk)
             step = engine.process(batch)
             output_source = file_source(input_path.name, batch)
             if writer.writes_lines:
@@ -104,6 +109,22 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     logger.info("Backtest of %s: %d events, %d outputs, %d dead letters in %.2f s", input_path, result.events,
                 result.outputs, result.dead_letters, result.elapsed_s)
     return result
+
+
+def decode_chunk(decoder: EventDecoder, chunk: RecordChunk) -> tuple[EventBatch, list[DeadLetter]]:
+    """Decode a chunk of file records; records the reader found invalid become dead letters with its reason."""
+    if not chunk.invalid:
+        return decoder.decode([None] * len(chunk.values), chunk.values, None, chunk.indices)
+    # A value of None never decodes to an event, so each invalid record yields exactly one dead letter here.
+    values = [None if position in chunk.invalid else value for position, value in enumerate(chunk.values)]
+    batch, dead = decoder.decode([None] * len(values), values, None, chunk.indices)
+    letters = []
+    for letter in dead:
+        if letter.index in chunk.invalid:
+            reason, message = chunk.invalid[letter.index]
+            letter = DeadLetter(letter.index, letter.key, chunk.values[letter.index], reason, message)
+        letters.append(letter)
+    return batch, letters
 
 
 def _total_events(path: Path, counted: bool) -> int | None:

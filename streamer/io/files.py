@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import orjson
 
+from streamer import errors
 from streamer.errors import ConfigError
 
 INPUT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
@@ -27,6 +28,8 @@ class RecordChunk:
 
     values: list[bytes]
     indices: list[int]
+    # Records the reader itself found invalid: position in ``values`` -> (reason code, message).
+    invalid: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 def _suffix(path: Path, allowed: tuple[str, ...], role: str) -> str:
@@ -36,9 +39,12 @@ def _suffix(path: Path, allowed: tuple[str, ...], role: str) -> str:
     return suffix
 
 
-def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[str, ...] | None = None
-                 ) -> Iterator[RecordChunk]:
-    """Yield the records of a JSON Lines, CSV or Parquet file in file order, ``chunk_size`` at a time."""
+def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[str, ...] | None = None,
+                 entity_field: str = "entity") -> Iterator[RecordChunk]:
+    """Yield the records of a JSON Lines, CSV or Parquet file in file order, ``chunk_size`` at a time.
+
+    CSV cells of ``entity_field`` stay text, so that ids such as ``00123`` and ``123`` remain distinct.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Input file not found: {path}")
@@ -46,7 +52,7 @@ def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[
     if suffix in (".jsonl", ".ndjson", ".json"):
         yield from _read_json_lines(path, chunk_size)
     elif suffix == ".csv":
-        yield from _read_csv(path, chunk_size, feature_names)
+        yield from _read_csv(path, chunk_size, feature_names, entity_field)
     else:
         yield from _read_parquet(path, chunk_size)
 
@@ -84,20 +90,31 @@ def _csv_value(text: str) -> Any:
     return int(number) if number.is_integer() and "e" not in text.lower() and "." not in text else number
 
 
-def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None) -> Iterator[RecordChunk]:
+def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None, entity_field: str
+              ) -> Iterator[RecordChunk]:
     chunk = RecordChunk([], [])
-    with path.open("r", newline="", encoding="utf-8", errors="surrogateescape") as file:
+    # utf-8-sig skips the byte order mark that spreadsheet programs write at the start of a UTF-8 CSV file.
+    with path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         reader = csv.DictReader(file)
         columns = reader.fieldnames or []
         numbered = sorted((c for c in columns if c[:1] == "f" and c[1:].isdigit()), key=lambda c: int(c[1:]))
         for row in reader:
-            document = {name: _csv_value(text) for name, text in row.items() if name is not None}
-            if "features" not in document and not feature_names and numbered:
-                document["features"] = [document.pop(column) for column in numbered]
-            try:
-                value = orjson.dumps(document)
-            except TypeError:
-                value = str(document).encode("utf-8", "replace")  # not JSON at all: the decoder rejects it
+            # DictReader fills missing cells with None and puts extra cells in a list under the key None.
+            if None in row or None in row.values():
+                cells = [text for name, text in row.items() if name is not None and text is not None]
+                cells += row.get(None) or []
+                chunk.invalid[len(chunk.values)] = (
+                    errors.INVALID_CSV_ROW, f"Invalid CSV row: {len(cells)} cells, the header has {len(columns)}")
+                value = ",".join(cells).encode("utf-8", "surrogateescape")
+            else:
+                document = {name: (text or None) if name == entity_field else _csv_value(text)
+                            for name, text in row.items()}
+                if "features" not in document and not feature_names and numbered:
+                    document["features"] = [document.pop(column) for column in numbered]
+                try:
+                    value = orjson.dumps(document)
+                except TypeError:
+                    value = str(document).encode("utf-8", "replace")  # not JSON at all: the decoder rejects it
             chunk.values.append(value)
             chunk.indices.append(reader.line_num - 1)
             if len(chunk.values) >= chunk_size:
@@ -155,9 +172,10 @@ class OutputWriter:
 
     @staticmethod
     def _parquet_row(document: dict) -> dict:
+        # Every row has a target column, null where the event had none, so that the file's schema, which
+        # the first row group fixes, keeps the targets of later rows.
         target = document.get("target")
-        if target is not None and not isinstance(target, list):
-            document["target"] = [target]
+        document["target"] = [target] if target is not None and not isinstance(target, list) else target
         return document
 
     def _flush_parquet(self) -> None:
@@ -167,6 +185,10 @@ class OutputWriter:
         if not self._pending:
             return
         table = pa.Table.from_pylist(self._pending)
+        column = table.schema.get_field_index("target")
+        if pa.types.is_null(table.schema.field(column).type):
+            targets = pa.list_(pa.float64())
+            table = table.set_column(column, pa.field("target", targets), pa.nulls(len(table), targets))
         if self._parquet_writer is None:
             self._parquet_writer = pq.ParquetWriter(self.path, table.schema)
         self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
@@ -198,6 +220,8 @@ def read_outputs(path: str | Path) -> list[dict]:
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        # A null target is an event without one, which JSON Lines outputs leave out.
+        return [{name: value for name, value in row.items() if name != "target" or value is not None}
+                for row in pq.read_table(path).to_pylist()]
     with path.open("rb") as file:
         return [orjson.loads(line) for line in io.BufferedReader(file) if line.strip()]

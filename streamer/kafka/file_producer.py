@@ -68,6 +68,8 @@ async def produce_file(path: Path, topic: str, bootstrap_servers: str, *, partit
                 raise BrokerError(f"Producing records {produced} to {produced + len(records) - 1} of {path} to "
                                   f"{topic} failed: {error!r}; a record larger than the topic's max.message.bytes "
                                   "is rejected by the broker") from error
+            for position, (_, message) in chunk.invalid.items():
+                logger.warning("Record %d of %s: %s; produced as it is", chunk.indices[position], path, message)
             produced += len(records)
     finally:
         await producer.stop()

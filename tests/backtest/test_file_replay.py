@@ -11,6 +11,7 @@ import torch
 
 from streamer.backtest.file_replay import run_file_backtest
 from streamer.engine import Engine
+from streamer.errors import ConfigError
 from streamer.io.events import EventDecoder, EventFormat
 from streamer.io.files import read_outputs, read_records
 from streamer.model import load_model
@@ -138,3 +139,54 @@ def test_cli_rejects_bidirectional_model(tmp_path):
                                capture_output=True, text=True)
     assert completed.returncode == 2
     assert "bidirectional" in completed.stderr
+
+
+def csv_backtest(seed_net_factory, tmp_path, text: str, encoding: str = "utf-8"):
+    _, path = seed_net_factory(input_dim=2)
+    (tmp_path / "in.csv").write_text(text, encoding=encoding)
+    result = run_file_backtest(load_model(path), tmp_path / "in.csv", tmp_path / "out.jsonl")
+    outputs = read_outputs(tmp_path / "out.jsonl")
+    letters = [orjson.loads(line) for line in result.dead_letter_path.read_bytes().splitlines()]
+    return outputs, letters
+
+
+def test_csv_entity_ids_stay_text(seed_net_factory, tmp_path):
+    outputs, letters = csv_backtest(seed_net_factory, tmp_path,
+                                    "entity,f0,f1\n00123,1,2\n123,1,2\n00123,1,2\n1e3,1,2\nNaN,1,2\n")
+
+    assert letters == []
+    assert [(o["entity"], o["step"]) for o in outputs] == [("00123", 1), ("123", 1), ("00123", 2), ("1e3", 1),
+                                                           ("NaN", 1)]
+
+
+def test_csv_byte_order_mark_skipped(seed_net_factory, tmp_path):
+    outputs, letters = csv_backtest(seed_net_factory, tmp_path, "entity,f0,f1\na,1,2\nb,3,4\n", "utf-8-sig")
+
+    assert letters == []
+    assert [o["entity"] for o in outputs] == ["a", "b"]
+
+
+def test_csv_rows_of_wrong_width_dead_lettered(seed_net_factory, tmp_path):
+    outputs, letters = csv_backtest(seed_net_factory, tmp_path, "entity,f0,f1\na,1,2\nb,1\nc,1,2,9,9\nd,3,4\n")
+
+    assert [o["entity"] for o in outputs] == ["a", "d"]
+    assert [letter["reason"] for letter in letters] == ["invalid_csv_row", "invalid_csv_row"]
+    assert "2 cells, the header has 3" in letters[0]["message"]
+    assert "5 cells, the header has 3" in letters[1]["message"]
+
+
+@pytest.mark.parametrize("output_name", ["in.jsonl", "sub/../in.jsonl", "out.jsonl"])
+def test_output_on_input_file_rejected(case, tmp_path, output_name):
+    case_dir, _ = case
+    events = tmp_path / "in.jsonl"
+    events.write_bytes((case_dir / "events.jsonl").read_bytes())
+    (tmp_path / "sub").mkdir()
+    if output_name == "out.jsonl":
+        # The dead-letter file of out.jsonl is out.dead-letter.jsonl: make that the input instead.
+        events = events.rename(tmp_path / "out.dead-letter.jsonl")
+    before = events.read_bytes()
+
+    with pytest.raises(ConfigError, match="is the input file"):
+        run_file_backtest(load_model(case_dir / "net.pt"), events, tmp_path / output_name)
+
+    assert events.read_bytes() == before

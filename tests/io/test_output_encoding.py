@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from streamer.engine.batch import EventBatch, StepResult
-from streamer.io.files import OutputWriter
+from streamer.io.files import OutputWriter, read_outputs
 from streamer.io.outputs import encode_output_lines, encode_outputs, file_source, topic_source
 
 AWKWARD_ENTITIES = ['},{"entity":"x', 'quote " and \\ backslash', "naïve 東京", "", "a\nb", '{"entity":'] * 3
@@ -92,3 +92,15 @@ def test_topic_source_follows_record_index():
     sources = topic_source(topics, batch)([0, 2])
 
     assert sources == [{"topic": "t0", "partition": 0, "offset": 10}, {"topic": "t2", "partition": 1, "offset": 13}]
+
+
+def test_parquet_keeps_targets_after_rows_without(tmp_path):
+    rows = [{"entity": "a", "step": 1}, {"entity": "b", "step": 1}, {"entity": "a", "step": 2, "target": 1.5},
+            {"entity": "b", "step": 2, "target": [2.0, 3.0]}, {"entity": "c", "step": 1}]
+    with OutputWriter(tmp_path / "out.parquet", parquet_rows_per_group=2) as writer:
+        writer.write([orjson.dumps(row) for row in rows])
+
+    outputs = read_outputs(tmp_path / "out.parquet")
+
+    assert [output.get("target") for output in outputs] == [None, None, [1.5], [2.0, 3.0], None]
+    assert "target" not in outputs[0]
