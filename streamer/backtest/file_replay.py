@@ -58,7 +58,8 @@ def event_format_for(model: RecurrentModel, max_record_bytes: int = 1_048_576, e
                      ) -> EventFormat:
     manifest = model.manifest
     return EventFormat(input_size=manifest.input_size, feature_names=manifest.feature_names,
-                       max_record_bytes=max_record_bytes, entity_field=entity_field)
+                       max_record_bytes=max_record_bytes, entity_field=entity_field,
+                       output_size=manifest.output_size)
 
 
 def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path: str | Path, *,

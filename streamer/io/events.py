@@ -38,6 +38,8 @@ class EventFormat:
     reset_field: str = "reset"
     target_field: str = "target"
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    # Number of model outputs a target must match; None accepts targets of any length.
+    output_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,14 @@ class EventDecoder:
             return parse_timestamp_ms(ts)
         return NO_TIME if timestamp_ms is None else timestamp_ms
 
-    @staticmethod
-    def _check_target(target: Any) -> None:
+    def _check_target(self, target: Any) -> None:
         values = target if type(target) is list else [target]
         if not values or not all(_is_number(v) and math.isfinite(v) for v in values):
             raise InvalidEventError(f"Invalid target {str(target)[:64]}: expected a finite number or a list of them",
+                                    reason=errors.INVALID_TARGET)
+        size = self.format.output_size
+        if size is not None and len(values) != size:
+            raise InvalidEventError(f"Invalid target of {len(values)} values: the model has {size} outputs",
                                     reason=errors.INVALID_TARGET)
 
     def decode(self, keys: Sequence[bytes | None], values: Sequence[bytes | None],

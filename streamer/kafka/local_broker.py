@@ -375,6 +375,14 @@ class LocalKafka:
         lines += [f"{key}={value}" for key, value in properties.items()]
         self.properties_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
+    def _formatted_cluster_id(self) -> str | None:
+        """Return the cluster id in the formatted storage's meta.properties, or None before formatting."""
+        try:
+            lines = (self.log_dir / "meta.properties").read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return None
+        return next((line.split("=", 1)[1].strip() for line in lines if line.startswith("cluster.id=")), None)
+
     def _storage_formatted(self) -> bool:
         return (self.log_dir / "meta.properties").is_file()
 
@@ -461,7 +469,10 @@ class LocalKafka:
                     f"{timeout_s:.0f} s and was killed; last lines of {self.log_path}:\n"
                     f"{self.log_tail(offset=self._log_offset)}"
                 )
-            if probe_broker_count(HOST, self._port or 0, min(2.0, remaining)) > 0:
+            # Another broker may already listen on the port (this one then fails to bind): only an answer
+            # with the cluster id formatted here counts.
+            brokers, cluster_id = probe_broker(HOST, self._port or 0, min(2.0, remaining))
+            if brokers > 0 and cluster_id == self._formatted_cluster_id():
                 return
             time.sleep(0.2)
 
@@ -527,6 +538,11 @@ def probe_broker_count(host: str, port: int, timeout_s: float) -> int:
     since a KRaft broker lists itself only once the controller has unfenced it.
     Metadata v4 is supported by Kafka 1.0 through 4.x (Kafka 4.0 removed v0-v3).
     """
+    return probe_broker(host, port, timeout_s)[0]
+
+
+def probe_broker(host: str, port: int, timeout_s: float) -> tuple[int, str | None]:
+    """Return the live broker count and the cluster id of a Metadata v4 response; (0, None) on no response."""
     correlation_id = 1
     client_id = b"streamer-probe"
     # Request header v1 (api key 3 = Metadata, version 4), then an empty topic
@@ -539,12 +555,22 @@ def probe_broker_count(host: str, port: int, timeout_s: float) -> int:
             (size,) = struct.unpack(">i", _receive_exactly(connection, 4))
             response = _receive_exactly(connection, size)
     except (OSError, EOFError):
-        return 0
-    # Response: correlation id, throttle_time_ms, then the broker array length.
+        return 0, None
+    # Response: correlation id, throttle_time_ms, the broker array, then the cluster id.
     received_correlation_id, _throttle_ms, broker_count = struct.unpack_from(">iii", response)
-    if received_correlation_id != correlation_id:
-        return 0
-    return max(broker_count, 0)
+    if received_correlation_id != correlation_id or broker_count <= 0:
+        return 0, None
+    position = 12
+    for _ in range(broker_count):
+        # node_id int32, host string, port int32, rack nullable string
+        (host_length,) = struct.unpack_from(">h", response, position + 4)
+        position += 4 + 2 + host_length + 4
+        (rack_length,) = struct.unpack_from(">h", response, position)
+        position += 2 + max(rack_length, 0)
+    (cluster_length,) = struct.unpack_from(">h", response, position)
+    if cluster_length < 0:
+        return broker_count, None
+    return broker_count, response[position + 2:position + 2 + cluster_length].decode("utf-8")
 
 
 def _receive_exactly(connection: socket.socket, size: int) -> bytes:
@@ -592,7 +618,13 @@ def _free_port(exclude: set[int]) -> int:
 
 
 def _port_is_free(port: int) -> bool:
+    """Return whether a server can listen on ``port``.
+
+    The probe sets SO_REUSEADDR as the JVM does for server sockets on Linux, so connections of clients left in
+    TIME-WAIT after a broker crash do not make the broker's recorded port look taken.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((HOST, port))
         except OSError:

@@ -82,6 +82,12 @@ class StreamerService:
             raise ConfigError("No model: pass --model or set STREAMER_MODEL")
         if settings.output_topic in settings.input_topics or settings.dead_letter_topic in settings.input_topics:
             raise ConfigError("The output and dead-letter topics must differ from the input topics")
+        if settings.dead_letter_topic == settings.output_topic:
+            raise ConfigError(f"The dead-letter topic must differ from the output topic {settings.output_topic}")
+        if not settings.input_topics:
+            raise ConfigError("No input topics: pass --input-topics or set STREAMER_INPUT_TOPICS")
+        if settings.snapshot_dir is not None and settings.snapshot_dir.exists() and not settings.snapshot_dir.is_dir():
+            raise ConfigError(f"Snapshot directory {settings.snapshot_dir} is a file: choose a directory")
         if settings.changelog and len(settings.input_topics) != 1:
             raise ConfigError("The changelog needs exactly one input topic, because state records are placed "
                               "by input partition number")

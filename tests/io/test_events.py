@@ -141,3 +141,16 @@ def test_batch_path_rejects_what_record_path_rejects(decoder):
         batch, dead = decoder.decode([None, None], [event(), value], None, [0, 1])
         assert batch.entities == ["s-1"], reason
         assert [letter.reason for letter in dead] == [reason]
+
+
+def test_target_length_must_match_outputs():
+    decoder = EventDecoder(EventFormat(input_size=3, output_size=2))
+    values = [event(entity="a", target=[1.0, 2.0]), event(entity="b", target=[1.0, 2.0, 3.0]),
+              event(entity="c", target=1.0)]
+
+    batch, dead = decoder.decode([None] * 3, values, None, [0, 1, 2])
+
+    assert batch.entities == ["a"]
+    assert [(letter.index, letter.reason) for letter in dead] == [(1, errors.INVALID_TARGET),
+                                                                 (2, errors.INVALID_TARGET)]
+    assert "the model has 2 outputs" in dead[0].message

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import socket
 import struct
 import time
@@ -250,6 +252,45 @@ def test_restart_keeps_port_topics_and_data(tmp_path: Path) -> None:
     new_handle = LocalKafka(tmp_path / "broker")
     assert new_handle.port == broker.port
     assert new_handle.controller_port == broker.controller_port
+
+
+def test_crash_with_connected_client_keeps_port(tmp_path: Path) -> None:
+    async def connect(bootstrap: str) -> AIOKafkaProducer:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+        await producer.start()
+        return producer
+
+    broker = LocalKafka(tmp_path / "broker")
+    bootstrap = broker.start()
+    loop = asyncio.new_event_loop()
+    producer = loop.run_until_complete(connect(bootstrap))
+    restarted = None
+    try:
+        # The kernel closes the killed broker's connections, which leaves them in TIME-WAIT on its port.
+        os.kill(broker.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while broker.is_running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        restarted = LocalKafka(tmp_path / "broker")
+
+        assert restarted.start() == bootstrap
+    finally:
+        loop.run_until_complete(producer.stop())
+        loop.close()
+        if restarted is not None:
+            restarted.stop()
+
+
+def test_start_fails_when_another_broker_has_the_port(kafka_broker: LocalKafka, tmp_path: Path) -> None:
+    broker = LocalKafka(tmp_path / "broker", port=kafka_broker.port)
+
+    with pytest.raises(BrokerError) as raised:
+        broker.start(timeout_s=60)
+
+    assert "Address already in use" in str(raised.value)
+    assert not broker.is_running()
+    assert probe_broker_count("127.0.0.1", kafka_broker.port or 0, 5.0) == 1
 
 
 def test_running_clients_survive_restart(
