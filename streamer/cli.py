@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from streamer.errors import StreamerError
+from streamer.errors import ConfigError, StreamerError
 
 # Help is plain text wrapped to the terminal (rich_markup_mode=None): the rich option tables crop long words
 # such as STREAMER_BOOTSTRAP_SERVERS on an 80-column terminal.
@@ -197,8 +197,12 @@ def train(
     from streamer.train import train_bundle
 
     configure_logging()
-    result = train_bundle(output, seq_len=seq_len, hidden_size=hidden_size, num_layers=layers, epochs=epochs,
-                          cell=cell, seed=seed)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = train_bundle(output, seq_len=seq_len, hidden_size=hidden_size, num_layers=layers, epochs=epochs,
+                              cell=cell, seed=seed)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     typer.echo(f"bundle: {result.path}")
     typer.echo(f"holdout window MAE {result.holdout.mae:.4f}, last-value baseline {result.holdout.last_value_mae:.4f}")
 
@@ -223,19 +227,24 @@ def generate(
     events: int = typer.Option(1_000_000, min=1, help="Number of events."),
     entities: int = typer.Option(10_000, min=1, help="Number of distinct entities."),
     input_size: int = typer.Option(8, min=1, help="Features per event."),
-    seed: int = typer.Option(0, help="Random seed."),
+    seed: int = typer.Option(0, min=0, help="Random seed."),
     zipf: Optional[float] = typer.Option(None, help="Zipf exponent for skewed entity popularity."),
 ) -> None:
     """Write a synthetic event stream for scale tests."""
     from streamer.data.synthetic import write_synthetic
 
-    count = write_synthetic(output, events, entities, input_size, seed=seed, zipf_exponent=zipf)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        count = write_synthetic(output, events, entities, input_size, seed=seed, zipf_exponent=zipf)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     typer.echo(f"wrote {count} events to {output}")
 
 
 @kafka_app.command("start")
 def kafka_start(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory."),
-                port: Optional[int] = typer.Option(None, help="Listener port (default: a free one).")) -> None:
+                port: Optional[int] = typer.Option(None, min=1, max=65535,
+                                                   help="Listener port (default: a free one).")) -> None:
     """Start a detached local broker and print its bootstrap address."""
     from streamer.kafka.local_broker import start_detached
 
@@ -302,11 +311,32 @@ def kafka_status(data_dir: Optional[Path] = typer.Option(None, help="Broker data
 
 
 def main() -> None:
+    """Run the command line; expected failures print one ``error:`` line instead of a traceback.
+
+    Exit codes: 2 for invalid input, settings or models and for local broker failures, 1 for file system
+    errors and failed Kafka requests.
+    """
+    from aiokafka.errors import KafkaError
+
+    from streamer.kafka.local_broker import BrokerError as LocalBrokerError
+
     try:
         app()
-    except StreamerError as error:
+    except (StreamerError, LocalBrokerError) as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None
+    except MemoryError:
+        typer.echo("error: not enough memory for the requested sizes", err=True)
+        raise SystemExit(1) from None
+    except OSError as error:
+        logging.getLogger(__name__).debug("File system error", exc_info=True)
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(1) from None
+    except KafkaError as error:
+        logging.getLogger(__name__).debug("Kafka request failed", exc_info=True)
+        typer.echo(f"error: Kafka request failed: {error!r}; check --bootstrap-servers and that the broker runs",
+                   err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

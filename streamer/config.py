@@ -5,6 +5,7 @@ Precedence, highest first: command-line flags, environment variables, the settin
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlCo
 from streamer.errors import ConfigError
 
 ENV_PREFIX = "STREAMER_"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Settings(BaseSettings):
@@ -60,6 +62,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9400, ge=0, le=65535, description="port of the metrics and health HTTP server")
     log_level: str = Field("INFO", description="logging level")
 
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"unknown level {value!r}, expected one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
     @field_validator("input_topics", mode="before")
     @classmethod
     def _split_topics(cls, value: Any) -> Any:
@@ -94,6 +103,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
 
     try:
         loaded = _FileSettings(**given)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"Invalid settings file {config_file}: {error}") from None
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in item['loc'])} ({env_var(str(item['loc'][0]))}): {item['msg']}"

@@ -17,6 +17,7 @@ the features plus Gaussian noise: a number when ``target_size`` is 1, otherwise 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def _validate(
         (n_entities >= 1, f"n_entities must be >= 1, got {n_entities}"),
         (input_size >= 1, f"input_size must be >= 1, got {input_size}"),
         (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
-        (zipf_exponent is None or zipf_exponent > 0, f"zipf_exponent must be > 0 or None, got {zipf_exponent}"),
+        (zipf_exponent is None or 0 < zipf_exponent < math.inf,
+         f"zipf_exponent must be a finite number > 0 or None, got {zipf_exponent}"),
         (0.0 <= reset_probability <= 1.0, f"reset_probability must be in [0, 1], got {reset_probability}"),
         (target_size >= 1, f"target_size must be >= 1, got {target_size}"),
         (decimals >= 0, f"decimals must be >= 0, got {decimals}"),

@@ -39,6 +39,13 @@ def _suffix(path: Path, allowed: tuple[str, ...], role: str) -> str:
     return suffix
 
 
+def check_input_file(path: Path) -> str:
+    """Return the suffix of an existing input file of a supported format; raise ConfigError otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"Input file not found: {path}")
+    return _suffix(path, INPUT_SUFFIXES, "input")
+
+
 def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[str, ...] | None = None,
                  entity_field: str = "entity") -> Iterator[RecordChunk]:
     """Yield the records of a JSON Lines, CSV or Parquet file in file order, ``chunk_size`` at a time.
@@ -46,9 +53,7 @@ def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[
     CSV cells of ``entity_field`` stay text, so that ids such as ``00123`` and ``123`` remain distinct.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Input file not found: {path}")
-    suffix = _suffix(path, INPUT_SUFFIXES, "input")
+    suffix = check_input_file(path)
     if suffix in (".jsonl", ".ndjson", ".json"):
         yield from _read_json_lines(path, chunk_size)
     elif suffix == ".csv":
@@ -125,10 +130,15 @@ def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None
 
 
 def _read_parquet(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        parquet = pq.ParquetFile(path)
+    except pa.ArrowInvalid as error:
+        raise ConfigError(f"Cannot read Parquet file {path}: {error}") from None
     row = 0
-    for record_batch in pq.ParquetFile(path).iter_batches(batch_size=chunk_size):
+    for record_batch in parquet.iter_batches(batch_size=chunk_size):
         rows = record_batch.to_pylist()
         values = [orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS, default=str) for document in rows]
         yield RecordChunk(values, list(range(row, row + len(values))))

@@ -10,7 +10,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from streamer.errors import BrokerError
-from streamer.io.files import read_records
+from streamer.io.files import check_input_file, read_records
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.producer import KeyPartitioner, send_records
 
@@ -40,6 +40,7 @@ async def produce_file(path: Path, topic: str, bootstrap_servers: str, *, partit
     the service creates. Keyed records go to the partition of their key (Kafka's default partitioner), so an
     entity's events stay in order. Records without a key go round robin.
     """
+    check_input_file(Path(path))  # before the topic is created
     counts = await ensure_topics(bootstrap_servers,
                                  [TopicSpec(topic, partitions, 1, {"max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)})],
                                  request_timeout_ms)

@@ -469,7 +469,7 @@ class LocalKafka:
                     f"{timeout_s:.0f} s and was killed; last lines of {self.log_path}:\n"
                     f"{self.log_tail(offset=self._log_offset)}"
                 )
-            # Another broker may already listen on the port (this one then fails to bind): only an answer
+            # Another broker may already listen on the port (this one then fails to bind): only a response
             # with the cluster id formatted here counts.
             brokers, cluster_id = probe_broker(HOST, self._port or 0, min(2.0, remaining))
             if brokers > 0 and cluster_id == self._formatted_cluster_id():

@@ -8,13 +8,26 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from streamer.errors import ModelError
+from streamer.errors import ConfigError, ModelError
 from streamer.model.loading import fingerprint, read_model_file
 from streamer.model.manifest import ModelManifest
 
 # Cells with state ``h`` only. LSTM layers run in ``_step_lstm`` instead of ``torch.lstm_cell``.
 _CELL_FUNCTIONS = {"gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}
 _MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+def resolve_device(name: str) -> torch.device:
+    """Parse a torch device name and check that this machine has it; raise ConfigError otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"Invalid device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device {name} requested, but torch finds no CUDA device here: use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"Device {name} requested, but torch finds {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 class RecurrentModel:
@@ -28,7 +41,7 @@ class RecurrentModel:
     def __init__(self, manifest: ModelManifest, weights: dict[str, torch.Tensor], device: str = "cpu") -> None:
         self.manifest = manifest
         self.fingerprint = fingerprint(manifest, weights)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.state_names: tuple[str, ...] = ("h", "c") if manifest.cell == "lstm" else ("h",)
         has_bias = "rnn.bias_ih_l0" in weights
         self.rnn = _MODULES[manifest.cell](manifest.input_size, manifest.hidden_size, manifest.num_layers,

@@ -1,0 +1,85 @@
+"""User mistakes give one `error:` line and an exit code instead of a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from streamer.config import load_settings
+from streamer.errors import ConfigError
+from streamer.io.files import read_records
+from streamer.model import SeedNet
+from streamer.model.network import resolve_device
+
+
+def streamer(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streamer", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_settings_file_syntax_error(tmp_path):
+    (tmp_path / "bad.toml").write_text("model = \n")
+
+    with pytest.raises(ConfigError, match="Invalid settings file"):
+        load_settings(tmp_path / "bad.toml")
+
+
+def test_unknown_log_level(monkeypatch):
+    monkeypatch.setenv("STREAMER_LOG_LEVEL", "LOUD")
+
+    with pytest.raises(ConfigError, match="unknown level 'LOUD'"):
+        load_settings()
+
+
+def test_log_level_any_case(monkeypatch):
+    monkeypatch.setenv("STREAMER_LOG_LEVEL", "debug")
+
+    assert load_settings().log_level == "DEBUG"
+
+
+def test_invalid_and_missing_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    with pytest.raises(ConfigError, match="Invalid device 'quantum'"):
+        resolve_device("quantum")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_file_that_is_not_parquet(tmp_path):
+    (tmp_path / "in.parquet").write_text("text")
+
+    with pytest.raises(ConfigError, match="Cannot read Parquet file"):
+        list(read_records(tmp_path / "in.parquet"))
+
+
+def test_output_under_a_file_is_one_error_line(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"entity": "a", "features": [1.0, 2.0]}\n')
+    (tmp_path / "afile").write_text("")
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+
+    completed = streamer("backtest", "--model", str(tmp_path / "net.pt"), "--input", str(tmp_path / "in.jsonl"),
+                         "--output", str(tmp_path / "afile" / "out.jsonl"))
+
+    assert completed.returncode == 1
+    assert completed.stderr.startswith("error: ")
+    assert "Traceback" not in completed.stderr
+
+
+def test_generate_rejects_zero_zipf_exponent(tmp_path):
+    completed = streamer("generate", "--output", str(tmp_path / "g.jsonl"), "--events", "10", "--zipf", "0")
+
+    assert completed.returncode == 2
+    assert "zipf_exponent must be a finite number > 0" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_train_creates_the_output_directory(tmp_path):
+    completed = streamer("train", "--epochs", "1", "--hidden-size", "4", "--layers", "1", cwd=tmp_path)
+
+    assert completed.returncode == 0, completed.stderr
+    assert (tmp_path / "out" / "fertility-lstm.pt").is_file()
