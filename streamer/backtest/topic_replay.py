@@ -527,6 +527,14 @@ async def load_initial_state(engine: Engine, model: RecurrentModel, spec: TopicR
     if kind == "empty":
         return
     topic = changelog_topic(group)
+    try:
+        changelog_partitions = await describe_partitions(spec.bootstrap_servers, [topic], spec.request_timeout_ms)
+    except ConfigError:
+        raise ConfigError(f"Changelog topic {topic} of group {group} not found on {spec.bootstrap_servers}: "
+                          "check the group id of --initial-state; only groups run with --changelog have one") from None
+    if len(changelog_partitions[topic]) != input_partitions[spec.topics[0]]:
+        raise ConfigError(f"Changelog topic {topic} has {len(changelog_partitions[topic])} partitions, but "
+                          f"{spec.topics[0]} has {input_partitions[spec.topics[0]]}: it belongs to another input")
     codec = StateCodec(engine.arena.row_shapes, semantics)
     for partition in range(input_partitions[spec.topics[0]]):
         start_offset = None

@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRIABLE = (KafkaError, asyncio.TimeoutError, OSError, BrokerError)
+STOP_CHECK_INTERVAL_S = 0.1
 
 
 async def retry(operation: str, call: Callable[[], Awaitable[T]], *, timeout_s: float, max_attempts: int | None = None,
@@ -23,6 +24,7 @@ async def retry(operation: str, call: Callable[[], Awaitable[T]], *, timeout_s: 
 
     Retries until ``max_attempts`` (None means until ``stopping()`` returns True); every retry is logged at
     WARNING with its attempt number and reported to ``on_retry``. The last error is raised as ``BrokerError``.
+    ``stopping()`` is also checked during the backoff, so that a stop request ends the wait within 0.1 s.
     """
     attempt = 0
     backoff = initial_backoff_s
@@ -39,5 +41,12 @@ async def retry(operation: str, call: Callable[[], Awaitable[T]], *, timeout_s: 
                            error)
             if on_retry is not None:
                 on_retry(operation)
-            await asyncio.sleep(backoff)
+            resume_at = asyncio.get_running_loop().time() + backoff
+            while not stopping():
+                remaining_s = resume_at - asyncio.get_running_loop().time()
+                if remaining_s <= 0:
+                    break
+                await asyncio.sleep(min(remaining_s, STOP_CHECK_INTERVAL_S))
+            if stopping():
+                raise BrokerError(f"{operation} stopped after {attempt} attempts: {error!r}") from error
             backoff = min(max_backoff_s, backoff * 2)

@@ -182,9 +182,20 @@ class StreamerService:
                                             liveness=self.liveness, readiness=self.readiness)
         self.metrics_server.start()
         try:
-            await self._ensure_topics()
+            try:
+                await self._ensure_topics()
+            except BrokerError as error:
+                if not self._stop_requested.is_set():
+                    raise
+                logger.info("Stopped before the topics were ready: %s", error)
             while not self._stop_requested.is_set():
-                await self._start_clients()
+                try:
+                    await self._start_clients()
+                except BrokerError as error:
+                    if not self._stop_requested.is_set():
+                        raise
+                    logger.info("Stopped before the Kafka clients started: %s", error)
+                    break
                 try:
                     with scheduled_collection(on_pause=self.metrics.gc_pause_seconds.observe) as collector:
                         while not self._stop_requested.is_set():
@@ -317,6 +328,13 @@ class StreamerService:
             await asyncio.wait_for(call, remaining_s)
         except (asyncio.TimeoutError, KafkaError) as error:
             logger.warning("%s did not finish before the shutdown deadline: %r", operation, error)
+        except asyncio.CancelledError as error:
+            # aiokafka's stop can end with the CancelledError of one of its own tasks, for example when the
+            # broker is gone. Only a cancellation of this task itself goes on up.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            logger.warning("%s ended with a cancelled Kafka client task: %r", operation, error)
 
     # -- rebalances --------------------------------------------------------------------------------------
 

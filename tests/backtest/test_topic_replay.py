@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -240,6 +241,17 @@ def test_invalid_ranges_raise(kafka_bootstrap, events_topic, model_path, tmp_pat
         replay(kafka_bootstrap, model_path, (events_topic, unique("other")), tmp_path / "out.jsonl", start="0:1")
     with pytest.raises(ConfigError, match="expected earliest, latest"):
         parse_range_bound("yesterday")
+
+
+def test_initial_state_of_group_without_changelog(kafka_bootstrap, events_topic, model_path, tmp_path):
+    spec = TopicReplaySpec(kafka_bootstrap, (events_topic,))
+    started = time.monotonic()
+
+    with pytest.raises(ConfigError, match="Changelog topic .* not found"):
+        run_topic_backtest(load_model(model_path), spec, output_path=tmp_path / "out.jsonl", progress=False,
+                           initial_state=f"changelog:{unique('no-such-group')}")
+
+    assert time.monotonic() - started < 20
 
 
 def test_output_topic_rules(kafka_bootstrap, events_topic, model_path, tmp_path):
