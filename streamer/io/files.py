@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,7 +60,7 @@ def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[
     elif suffix == ".csv":
         yield from _read_csv(path, chunk_size, feature_names, entity_field)
     else:
-        yield from _read_parquet(path, chunk_size)
+        yield from _read_parquet(path, chunk_size, feature_names)
 
 
 def _read_json_lines(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
@@ -129,7 +130,21 @@ def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None
         yield chunk
 
 
-def _read_parquet(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
+def _parquet_cell(value: Any) -> Any:
+    """Convert a Parquet cell that JSON lacks: UTF-8 bytes become text, other objects their string form."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")  # invalid UTF-8 raises, and the row becomes a dead letter
+    return str(value)
+
+
+def _non_finite_feature(document: dict, feature_names: tuple[str, ...] | None) -> bool:
+    values = document.get("features")
+    values = list(values) if isinstance(values, list) else []
+    values += [document.get(name) for name in feature_names or ()]
+    return any(isinstance(value, float) and not math.isfinite(value) for value in values)
+
+
+def _read_parquet(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None) -> Iterator[RecordChunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -139,10 +154,22 @@ def _read_parquet(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
         raise ConfigError(f"Cannot read Parquet file {path}: {error}") from None
     row = 0
     for record_batch in parquet.iter_batches(batch_size=chunk_size):
-        rows = record_batch.to_pylist()
-        values = [orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS, default=str) for document in rows]
-        yield RecordChunk(values, list(range(row, row + len(values))))
-        row += len(values)
+        chunk = RecordChunk([], list(range(row, row + record_batch.num_rows)))
+        for position, document in enumerate(record_batch.to_pylist()):
+            # JSON has no NaN or infinity (orjson writes null), so the reader names such features itself.
+            if _non_finite_feature(document, feature_names):
+                chunk.invalid[position] = (errors.NON_FINITE_FEATURE, "Invalid feature: not a finite number")
+            try:
+                value = orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS, default=_parquet_cell)
+            except orjson.JSONEncodeError as error:
+                if isinstance(error.__cause__, UnicodeDecodeError):
+                    chunk.invalid[position] = (errors.INVALID_UTF8, "Invalid cell: binary data that is not UTF-8")
+                else:
+                    chunk.invalid[position] = (errors.INVALID_JSON, f"Invalid cell: {error}")
+                value = str(document).encode("utf-8", "replace")
+            chunk.values.append(value)
+        yield chunk
+        row += record_batch.num_rows
 
 
 class OutputWriter:

@@ -185,13 +185,19 @@ def read_model_file(path: str | Path) -> tuple[ModelManifest, dict[str, torch.Te
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for corrupt or foreign files
-        raise ModelError(f"Cannot read model file {path}: {error}") from error
+        detail = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"Cannot read model file {path} ({type(error).__name__}: {detail}): expected a "
+                         "state_dict saved with torch.save(net.state_dict(), path) or a streamer bundle; a "
+                         "whole module saved with torch.save(net) is not accepted") from error
     if not isinstance(payload, Mapping):
         raise ModelError(f"Invalid model file {path}: expected a state_dict or a bundle, found {type(payload).__name__}")
     if payload.get("format") == BUNDLE_FORMAT:
         if payload.get("version") != BUNDLE_VERSION:
             raise ModelError(f"Unsupported bundle version {payload.get('version')!r} in {path}: "
                              f"expected {BUNDLE_VERSION}")
+        for key in ("manifest", "state_dict"):
+            if not isinstance(payload.get(key), Mapping):
+                raise ModelError(f"Invalid bundle {path}: {key!r} is missing or not a mapping")
         manifest = ModelManifest.from_dict(dict(payload["manifest"]))
         inferred, weights = parse_state_dict(payload["state_dict"])
         _check_matches(inferred, manifest)

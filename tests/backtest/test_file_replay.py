@@ -190,3 +190,18 @@ def test_output_on_input_file_rejected(case, tmp_path, output_name):
         run_file_backtest(load_model(case_dir / "net.pt"), events, tmp_path / output_name)
 
     assert events.read_bytes() == before
+
+
+def test_parquet_binary_entities_and_nan_features(seed_net_factory, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, path = seed_net_factory(input_dim=2)
+    pq.write_table(pa.table({"entity": pa.array([b"ok", b"ab\xff", b"c"], pa.binary()),
+                             "features": [[1.0, 2.0], [1.0, 2.0], [float("nan"), 1.0]]}), tmp_path / "in.parquet")
+
+    result = run_file_backtest(load_model(path), tmp_path / "in.parquet", tmp_path / "out.jsonl")
+
+    assert [o["entity"] for o in read_outputs(tmp_path / "out.jsonl")] == ["ok"]
+    letters = [orjson.loads(line) for line in result.dead_letter_path.read_bytes().splitlines()]
+    assert [letter["reason"] for letter in letters] == ["invalid_utf8", "non_finite_feature"]

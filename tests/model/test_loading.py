@@ -115,6 +115,26 @@ def test_missing_and_foreign_files(tmp_path):
         load_model(garbage)
 
 
+def test_whole_module_file_names_the_fix(tmp_path):
+    torch.save(SeedNet(2, 4, 5, 1, 1), tmp_path / "module.pt")
+
+    with pytest.raises(ModelError, match=r"torch.save\(net.state_dict\(\), path\)"):
+        load_model(tmp_path / "module.pt")
+
+
+@pytest.mark.parametrize("broken", [{"state_dict": {}}, {"manifest": "lstm", "state_dict": {}}])
+def test_bundle_without_manifest_rejected(tmp_path, broken):
+    net = SeedNet(2, 4, 5, 1, 1)
+    save_bundle(tmp_path / "b.pt", net.state_dict(), ModelManifest("lstm", 2, 4, 1, 1))
+    payload = torch.load(tmp_path / "b.pt", weights_only=True)
+    payload.pop("manifest")
+    payload.update(broken, state_dict=payload["state_dict"])
+    torch.save(payload, tmp_path / "broken.pt")
+
+    with pytest.raises(ModelError, match="'manifest' is missing or not a mapping"):
+        load_model(tmp_path / "broken.pt")
+
+
 def test_manifest_validation():
     with pytest.raises(ModelError, match="Invalid cell type"):
         ModelManifest("lstm2", 1, 1, 1, 1)
