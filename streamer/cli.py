@@ -28,9 +28,15 @@ def env_help(text: str, name: str) -> str:
 
 
 def configure_logging(level: str = "INFO") -> None:
+    from streamer.log_filters import RepeatFilter
+
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # With the broker gone, aiokafka logs each failed connection, dozens of lines a second.
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(existing, RepeatFilter) for existing in handler.filters):
+            handler.addFilter(RepeatFilter("aiokafka", interval_s=10.0))
 
 
 @app.command()
@@ -84,6 +90,11 @@ def backtest(
         raise ConfigError("Missing input: pass --input FILE, or --topic with --bootstrap-servers")
     if output_topic is not None:
         raise ConfigError("Invalid --output-topic for a file backtest: pass --output FILE, or replay --topic")
+    topic_only = {"--from": (from_, "earliest"), "--to": (to, "latest"), "--target": (target, "event"),
+                  "--initial-state": (initial_state, "empty"), "--bootstrap-servers": (bootstrap_servers, None)}
+    topic_flags = [flag for flag, (value, default) in topic_only.items() if value != default]
+    if topic_flags:
+        raise ConfigError(f"Invalid {', '.join(topic_flags)} for a file backtest: these options apply to --topic replays")
     if output is None:
         raise ConfigError("Missing --output: a file backtest writes its outputs to a .jsonl or .parquet file")
     backtest_file_command(model=model, input_path=input, output_path=output, semantics=semantics,

@@ -83,3 +83,20 @@ def test_train_creates_the_output_directory(tmp_path):
 
     assert completed.returncode == 0, completed.stderr
     assert (tmp_path / "out" / "fertility-lstm.pt").is_file()
+
+
+def test_file_backtest_rejects_topic_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from streamer.cli import app
+
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    (tmp_path / "in.jsonl").write_text('{"entity": "a", "features": [1.0, 2.0]}\n')
+    arguments = ["backtest", "--model", str(tmp_path / "net.pt"), "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl")]
+
+    result = CliRunner().invoke(app, [*arguments, "--from", "0:5", "--initial-state", "changelog:g"])
+
+    assert isinstance(result.exception, ConfigError)
+    assert "Invalid --from, --initial-state for a file backtest" in str(result.exception)
+    assert not (tmp_path / "out.jsonl").exists()

@@ -1,0 +1,40 @@
+"""Logging filters."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+
+class RepeatFilter(logging.Filter):
+    """Pass a message of the loggers under ``prefix`` once per ``interval_s``; a later one counts the dropped copies.
+
+    Meant for handlers: a filter on a logger does not see the records of its child loggers. Messages are
+    compared after formatting their arguments; records of other loggers always pass.
+    """
+
+    def __init__(self, prefix: str, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[tuple[str, int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != self.prefix and not record.name.startswith(self.prefix + "."):
+            return True
+        key = (record.name, record.levelno, record.getMessage())
+        now = self._clock()
+        previous = self._last.get(key)
+        if previous is not None and now - previous[0] < self.interval_s:
+            self._last[key] = (previous[0], previous[1] + 1)
+            return False
+        dropped = previous[1] if previous is not None else 0
+        if dropped:
+            record.msg = f"{record.getMessage()} ({dropped} identical messages in the last {now - previous[0]:.0f} s)"
+            record.args = None
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return True

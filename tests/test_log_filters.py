@@ -1,0 +1,39 @@
+"""The filter that thins out repeated Kafka client log lines."""
+
+from __future__ import annotations
+
+import logging
+
+from streamer.log_filters import RepeatFilter
+
+
+def record(name: str, message: str, *args) -> logging.LogRecord:
+    return logging.LogRecord(name, logging.ERROR, __file__, 1, message, args, None)
+
+
+def test_repeats_dropped_then_counted():
+    now = [0.0]
+    repeat = RepeatFilter("aiokafka", interval_s=10.0, clock=lambda: now[0])
+
+    passed = []
+    for second in range(25):
+        now[0] = float(second)
+        entry = record("aiokafka.conn", "Unable connect to node with id %d", 1)
+        if repeat.filter(entry):
+            passed.append((second, entry.getMessage()))
+
+    assert passed == [(0, "Unable connect to node with id 1"),
+                      (10, "Unable connect to node with id 1 (9 identical messages in the last 10 s)"),
+                      (20, "Unable connect to node with id 1 (9 identical messages in the last 10 s)")]
+
+
+def test_other_messages_and_loggers_pass():
+    repeat = RepeatFilter("aiokafka", interval_s=10.0, clock=lambda: 0.0)
+
+    assert repeat.filter(record("aiokafka.conn", "node %d", 1))
+    assert repeat.filter(record("aiokafka.conn", "node %d", 2))
+    assert repeat.filter(record("streamer.kafka.service", "same"))
+    assert repeat.filter(record("streamer.kafka.service", "same"))
+    assert repeat.filter(record("aiokafkax", "same"))
+    assert repeat.filter(record("aiokafkax", "same"))
+    assert not repeat.filter(record("aiokafka.conn", "node %d", 1))
