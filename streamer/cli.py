@@ -94,7 +94,8 @@ def backtest(
                   "--initial-state": (initial_state, "empty"), "--bootstrap-servers": (bootstrap_servers, None)}
     topic_flags = [flag for flag, (value, default) in topic_only.items() if value != default]
     if topic_flags:
-        raise ConfigError(f"Invalid {', '.join(topic_flags)} for a file backtest: these options apply to --topic replays")
+        raise ConfigError(f"Invalid {', '.join(topic_flags)} for a file backtest: "
+                          "these options apply to --topic replays")
     if output is None:
         raise ConfigError("Missing --output: a file backtest writes its outputs to a .jsonl or .parquet file")
     backtest_file_command(model=model, input_path=input, output_path=output, semantics=semantics,
