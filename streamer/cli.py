@@ -55,7 +55,8 @@ def backtest(
                                                "a file; it must not be an input topic and must be empty."),
     allow_existing_output: bool = typer.Option(False, help="Allow an --output-topic that already has records."),
     semantics: str = typer.Option("stateful", help="stateful (carry state) or window (last seq_len events)."),
-    seq_len: Optional[int] = typer.Option(None, help="Window length for window semantics (overrides the bundle)."),
+    seq_len: Optional[int] = typer.Option(None, min=1,
+                                          help="Window length for window semantics (overrides the bundle)."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Events per engine batch (default 4096); with "
                                              "--topic, records per partition per engine batch (default 4096 "
                                              "divided by the number of partitions)."),

@@ -100,3 +100,15 @@ def test_file_backtest_rejects_topic_options(tmp_path):
     assert isinstance(result.exception, ConfigError)
     assert "Invalid --from, --initial-state for a file backtest" in str(result.exception)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_compare_window_without_seq_len_fails_first(tmp_path):
+    from streamer.backtest.runner import backtest_file
+
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    (tmp_path / "in.jsonl").write_text('{"entity": "a", "features": [1.0, 2.0]}\n')
+
+    with pytest.raises(ConfigError, match="--compare-window needs seq_len"):
+        backtest_file(tmp_path / "net.pt", tmp_path / "in.jsonl", tmp_path / "out.jsonl", compare_window=True)
+
+    assert not (tmp_path / "out.jsonl").exists()

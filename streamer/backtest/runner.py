@@ -12,10 +12,17 @@ import typer
 from streamer.backtest.file_replay import BacktestResult, run_file_backtest
 from streamer.backtest.report import ReportPaths, format_summary, write_report
 from streamer.backtest.topic_replay import TopicBacktestResult, TopicReplaySpec, parse_target, run_topic_backtest
+from streamer.errors import ConfigError
 from streamer.io.files import read_outputs
-from streamer.model import load_model
+from streamer.model import RecurrentModel, load_model
 
 logger = logging.getLogger(__name__)
+
+
+def _check_compare_window(model: RecurrentModel, compare_window: bool) -> None:
+    """Reject ``compare_window`` for a model without ``seq_len`` before the first run starts."""
+    if compare_window and not model.manifest.seq_len:
+        raise ConfigError("--compare-window needs seq_len: set it in the bundle manifest or pass --seq-len")
 
 
 def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, semantics: str = "stateful",
@@ -24,6 +31,7 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
                   title: str | None = None) -> tuple[BacktestResult, ReportPaths]:
     """Replay ``input_path`` and write outputs, dead letters and a report; optionally compare with window."""
     model = load_model(model_path, seq_len=seq_len)
+    _check_compare_window(model, compare_window)
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms)
     result = run_file_backtest(model, input_path, output_path, semantics=semantics, **options)
     window_records = None
@@ -75,6 +83,7 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
     the report directory, and the window run of ``compare_window`` always goes to ``window.jsonl`` there.
     """
     model = load_model(model_path, seq_len=seq_len)
+    _check_compare_window(model, compare_window)
     target_feature = parse_target(target, model)
     if report_dir is None:
         report_dir = (output_path.with_name(f"{output_path.stem}-report") if output_path is not None
