@@ -182,19 +182,9 @@ class StreamerService:
                                             liveness=self.liveness, readiness=self.readiness)
         self.metrics_server.start()
         try:
-            try:
-                await self._ensure_topics()
-            except BrokerError as error:
-                if not self._stop_requested.is_set():
-                    raise
-                logger.info("Stopped before the topics were ready: %s", error)
+            await self._unless_stopped(self._ensure_topics(), "the topics were ready")
             while not self._stop_requested.is_set():
-                try:
-                    await self._start_clients()
-                except BrokerError as error:
-                    if not self._stop_requested.is_set():
-                        raise
-                    logger.info("Stopped before the Kafka clients started: %s", error)
+                if not await self._unless_stopped(self._start_clients(), "the Kafka clients started"):
                     break
                 try:
                     with scheduled_collection(on_pause=self.metrics.gc_pause_seconds.observe) as collector:
@@ -209,6 +199,17 @@ class StreamerService:
             await self._shutdown()
         if self._fatal_error is not None:
             raise self._fatal_error
+
+    async def _unless_stopped(self, step: Awaitable[None], stage: str) -> bool:
+        """Await a start-up step; return False when its retries ended because a stop was requested."""
+        try:
+            await step
+            return True
+        except BrokerError as error:
+            if not self._stop_requested.is_set():
+                raise
+            logger.info("Stopped before %s: %s", stage, error)
+            return False
 
     async def _start_clients(self) -> None:
         settings = self.settings
