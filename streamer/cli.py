@@ -211,11 +211,8 @@ def train(
 
     configure_logging()
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        result = train_bundle(output, seq_len=seq_len, hidden_size=hidden_size, num_layers=layers, epochs=epochs,
-                              cell=cell, seed=seed)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    result = train_bundle(output, seq_len=seq_len, hidden_size=hidden_size, num_layers=layers, epochs=epochs,
+                          cell=cell, seed=seed)
     typer.echo(f"bundle: {result.path}")
     typer.echo(f"holdout window MAE {result.holdout.mae:.4f}, last-value baseline {result.holdout.last_value_mae:.4f}")
 

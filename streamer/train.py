@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from streamer.errors import ConfigError
 from streamer.model import ModelManifest, SeedNet, save_bundle
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _target_vector(event: dict, index: int) -> list[float] | None:
         return [float(target)]
     if isinstance(target, (list, tuple)) and target:
         return [float(value) for value in target]
-    raise ValueError(
+    raise ConfigError(
         f"event {index} of entity {event.get('entity')!r} has an invalid target {target!r}: "
         "expected a number or a non-empty list of numbers"
     )
@@ -99,7 +100,7 @@ def build_windows(events: Iterable[dict], seq_len: int) -> WindowSet:
     windows as inputs.
     """
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise ConfigError(f"seq_len must be >= 1, got {seq_len}")
 
     segments: dict[str, list[tuple[list[float], list[float] | None]]] = defaultdict(list)
     finished: list[tuple[str, list[tuple[list[float], list[float] | None]]]] = []
@@ -127,7 +128,7 @@ def build_windows(events: Iterable[dict], seq_len: int) -> WindowSet:
     widths = {len(window[0]) for window in inputs} | {len(features) for window in inputs for features in window}
     target_widths = {len(target) for target in targets}
     if len(widths) != 1 or len(target_widths) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"events have feature counts {sorted(widths)} and target sizes {sorted(target_widths)}: "
             "expected one feature count and one target size"
         )
@@ -160,14 +161,14 @@ def fit_seed_net(
     determinism flag and global random state afterwards.
     """
     if epochs < 1 or batch_size < 1 or learning_rate <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"invalid training settings epochs={epochs}, batch_size={batch_size}, learning_rate={learning_rate}: "
             "expected positive values"
         )
     events = list(events)
     windows = build_windows(events, seq_len)
     if len(windows) == 0:
-        raise ValueError(
+        raise ConfigError(
             f"no training windows: expected at least one entity with {seq_len} consecutive events in one "
             "segment, the last of them with a target; pass more events or a smaller seq_len"
         )
@@ -307,10 +308,10 @@ def evaluate_windows(
     for example 0 for the fertility rate.
     """
     if manifest.seq_len is None:
-        raise ValueError("the manifest has no seq_len: expected the window length the model was trained with")
+        raise ConfigError("the manifest has no seq_len: expected the window length the model was trained with")
     windows = build_windows(events, manifest.seq_len)
     if len(windows) == 0:
-        raise ValueError(f"no windows of {manifest.seq_len} events with a target to evaluate")
+        raise ConfigError(f"no windows of {manifest.seq_len} events with a target to evaluate")
     predictions = predict_windows(state_dict, manifest, windows)
     errors = predictions - windows.targets
     mean_prediction = np.asarray(manifest.output_mean or (0.0,) * manifest.output_size)

@@ -113,7 +113,7 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
 
 
 def decode_chunk(decoder: EventDecoder, chunk: RecordChunk) -> tuple[EventBatch, list[DeadLetter]]:
-    """Decode a chunk of file records; records the reader found invalid become dead letters with its reason."""
+    """Decode a chunk of file records; records the reader found invalid become dead letters with its reasons."""
     if not chunk.invalid:
         return decoder.decode([None] * len(chunk.values), chunk.values, None, chunk.indices)
     # A value of None never decodes to an event, so each invalid record yields exactly one dead letter here.
