@@ -21,15 +21,17 @@ from streamer.kafka.producer import send_records
 
 
 async def passthrough(bootstrap: str, input_topic: str, output_topic: str, group: str, linger_ms: int) -> None:
+    settings = Settings()  # the service's defaults, changed by STREAMER_* variables of this process
     consumer = AIOKafkaConsumer(input_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
-                                auto_offset_reset="latest", fetch_max_wait_ms=20, max_poll_records=4096)
+                                auto_offset_reset="latest", fetch_max_wait_ms=settings.fetch_max_wait_ms,
+                                fetch_min_bytes=settings.fetch_min_bytes, max_poll_records=settings.max_batch_events)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
                                 linger_ms=linger_ms)
     await consumer.start()
     await producer.start()
     announced = False
     while True:
-        fetched = await consumer.getmany(timeout_ms=100, max_records=4096)
+        fetched = await consumer.getmany(timeout_ms=100, max_records=settings.max_batch_events)
         if not announced and consumer.assignment():
             print("ready", flush=True)
             announced = True

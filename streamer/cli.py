@@ -164,6 +164,7 @@ def run(
     topic_partitions: Optional[int] = _flag(None, "topic_partitions", "Partitions of topics created when missing."),
     max_batch_events: Optional[int] = _flag(None, "max_batch_events", "Events fetched per batch at most."),
     fetch_max_wait_ms: Optional[int] = _flag(None, "fetch_max_wait_ms", "Longest wait for a batch to fill, in ms."),
+    fetch_min_bytes: Optional[int] = _flag(None, "fetch_min_bytes", "Bytes a fetch waits for (fetch.min.bytes)."),
     linger_ms: Optional[int] = _flag(None, "linger_ms", "Producer wait for more outputs per request (linger.ms)."),
     request_timeout_ms: Optional[int] = _flag(None, "request_timeout_ms", "Timeout of each broker call, in ms."),
     shutdown_timeout_s: Optional[float] = _flag(None, "shutdown_timeout_s", "Deadline for a clean stop, in s."),

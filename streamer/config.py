@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     replication_factor: int = Field(1, ge=1, description="replication factor of topics created when missing")
     max_batch_events: int = Field(4096, ge=1, description="events fetched per batch at most")
     fetch_max_wait_ms: int = Field(20, ge=0, description="maximum wait for a batch to fill, in ms")
+    fetch_min_bytes: int = Field(1, ge=1, description="bytes a fetch waits for, up to the maximum wait")
     linger_ms: int = Field(0, ge=0, description="producer wait for more outputs per request (linger.ms)")
     request_timeout_ms: int = Field(10_000, ge=100, description="timeout of each broker call")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="deadline for a clean stop after SIGTERM/SIGINT")

@@ -228,7 +228,8 @@ class StreamerService:
             bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
             auto_offset_reset="earliest", max_poll_records=settings.max_batch_events,
-            fetch_max_wait_ms=settings.fetch_max_wait_ms, request_timeout_ms=max(settings.request_timeout_ms, 40_000),
+            fetch_max_wait_ms=settings.fetch_max_wait_ms, fetch_min_bytes=settings.fetch_min_bytes,
+            request_timeout_ms=max(settings.request_timeout_ms, 40_000),
             max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, isolation_level="read_committed",
         )
         await retry("producer start", self.producer.start, timeout_s=settings.request_timeout_ms / 1000,
