@@ -12,7 +12,10 @@ the group). The time from process start is reported too. NOTE: the service commi
 checkpoints (every ``STREAMER_CHECKPOINT_INTERVAL_MS``, 1 s by default), so the measured time can include up
 to one interval after the last batch.
 
-Latency: the same service then gets paced loads (events/s, ``--loads``; ``half`` is half the measured
+Latency: the same service first gets an unmeasured load of 10,000 events/s for ``--prewarm-seconds``. On the
+benchmark machine the broker's CPU use at a load halved after its first 10 to 20 s of small requests (its JVM
+compiles their code paths then), and p99 fell from 24 to 11 ms at 10,000 events/s with the same service, so
+a fresh broker would put its own warm-up into whichever load came first. Then the service gets paced loads (events/s, ``--loads``; ``half`` is half the measured
 throughput), each for ``--warmup-seconds`` of warm-up and then ``--load-seconds`` measured. Outputs of events
 created during the warm-up count towards the output checks but not the percentiles (their p99 is reported as
 ``warmup_p99_ms``). Input events carry no ``ts`` field, so the service takes the
@@ -25,7 +28,13 @@ after each load finished, so reading them does not compete for CPU. The service'
 ``streamer_end_to_end_latency_seconds`` (event timestamp to output acknowledgement) is read from
 ``/metrics`` at the end of the warm-up and after the load, and its percentiles are estimated from the
 bucket differences as PromQL's ``histogram_quantile`` does. ``--alternative NAME=VALUE`` repeats
-the loads with a second service that has one ``STREAMER_*`` setting changed.
+the loads with a second service that has one ``STREAMER_*`` setting changed (several, separated by spaces,
+change together).
+
+CPU: over each measured window, the CPU time of the service (or pass-through), the broker (when started
+here) and this driver is read from ``/proc/PID/stat`` and reported as a percentage of one core, with the
+share of all cores that was busy on the machine. On a machine where these processes share few cores, a busy
+share near 100 % means latency includes waiting for a core.
 
 Client floor: the same loads go through ``kafka_passthrough.py`` (the service's consumer and producer settings,
 no decoding, no model), measured the same way, so the latency the Kafka clients and the broker add on this
@@ -33,8 +42,8 @@ machine is known alongside the service's.
 
 ``benchmarks/kafka_service_profile.py`` profiles the same phases with the service in process.
 
-Usage: python benchmarks/kafka_end_to_end.py [--events N] [--load-seconds S] [--quick] [--alternative NAME=VALUE]
-       [--no-floor]
+Usage: python benchmarks/kafka_end_to_end.py [--events N] [--load-seconds S] [--prewarm-seconds S] [--quick]
+       [--alternative NAME=VALUE] [--no-floor]
 """
 
 from __future__ import annotations
@@ -88,6 +97,7 @@ COMMIT_POLL_S = 0.05
 PACING_TICK_S = 0.001
 SERVICE_START_TIMEOUT_S = 120.0
 DRAIN_TIMEOUT_S = 300.0
+PREWARM_EVENTS_PER_S = 10_000
 
 
 # -- the service process ---------------------------------------------------------------------------------
@@ -190,10 +200,14 @@ class ServiceProcess:
 
 
 class Broker:
-    """Admin client, a group-less consumer for end offsets, and a producer, on one bootstrap address."""
+    """Admin client, a group-less consumer for end offsets, and a producer, on one bootstrap address.
 
-    def __init__(self, bootstrap: str) -> None:
+    ``pid`` is the broker's process id when it runs on this machine, for the CPU figures.
+    """
+
+    def __init__(self, bootstrap: str, pid: int | None = None) -> None:
         self.bootstrap = bootstrap
+        self.pid = pid
         self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
         self.offsets_consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0,
@@ -326,6 +340,83 @@ async def paced_load(broker: Broker, topic: str, pool: list[tuple[int, bytes, by
     finished = time.perf_counter()
     await asyncio.gather(*futures)
     return {"sent": sent, "send_seconds": finished - started, "achieved_events_per_s": sent / (finished - started)}
+
+
+# -- CPU -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CpuSample:
+    monotonic_s: float
+    process_ticks: dict[str, int]
+    machine_busy_ticks: int
+    machine_total_ticks: int
+
+
+class CpuMeter:
+    """CPU time of named processes and of the whole machine, from ``/proc`` (Linux only).
+
+    A process that has exited, or a ``/proc`` that cannot be read, leaves its figure out instead of failing the
+    benchmark.
+    """
+
+    def __init__(self, processes: dict[str, int | None]) -> None:
+        self.processes = {name: pid for name, pid in processes.items() if pid is not None}
+        self.ticks_per_s = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    @staticmethod
+    def _process_ticks(pid: int) -> int | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        # The command name is in parentheses and may contain spaces, so fields are counted after it.
+        # utime and stime are fields 14 and 15 of the whole line.
+        fields = text.rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    @staticmethod
+    def _machine_ticks() -> tuple[int, int]:
+        try:
+            first = Path("/proc/stat").read_text().splitlines()[0].split()
+        except OSError:
+            return 0, 0
+        values = [int(value) for value in first[1:9]]  # user nice system idle iowait irq softirq steal
+        total = sum(values)
+        return total - values[3] - values[4], total
+
+    def sample(self) -> CpuSample:
+        ticks = {name: self._process_ticks(pid) for name, pid in self.processes.items()}
+        busy, total = self._machine_ticks()
+        return CpuSample(time.monotonic(), {name: value for name, value in ticks.items() if value is not None},
+                         busy, total)
+
+    def shares(self, before: CpuSample, after: CpuSample) -> dict[str, float]:
+        """Return the percent of one core each process used between the samples, and the machine's busy percent."""
+        elapsed_s = after.monotonic_s - before.monotonic_s
+        result = {}
+        if elapsed_s <= 0:
+            return result
+        for name, ticks in after.process_ticks.items():
+            if name in before.process_ticks:
+                result[f"{name}_core_percent"] = round(
+                    100.0 * (ticks - before.process_ticks[name]) / self.ticks_per_s / elapsed_s, 1)
+        total = after.machine_total_ticks - before.machine_total_ticks
+        if total > 0:
+            result["machine_busy_percent"] = round(
+                100.0 * (after.machine_busy_ticks - before.machine_busy_ticks) / total, 1)
+        return result
+
+
+def format_cpu(cpu: dict | None, process: str) -> str:
+    """Format the shares as ``process/broker/driver (machine)`` in percent, with ``-`` for a missing figure."""
+    cpu = cpu or {}
+
+    def value(key: str) -> str:
+        return f"{cpu[key]:.0f}" if key in cpu else "-"
+
+    return (f"{value(f'{process}_core_percent')}/{value('broker_core_percent')}/{value('driver_core_percent')} "
+            f"({value('machine_busy_percent')})")
 
 
 # -- metrics ---------------------------------------------------------------------------------------------
@@ -482,29 +573,62 @@ async def measure_throughput(broker: Broker, work_dir: Path, model_path: Path, a
 
 async def warmed_load(broker: Broker, topic: str, pool: list[tuple[int, bytes, bytes]], rate: float,
                       seconds: float, warmup_s: float, pool_start: int,
-                      read_metrics: Callable[[], str] | None = None) -> tuple[dict, float, str | None]:
+                      read_metrics: Callable[[], str] | None = None,
+                      cpu: CpuMeter | None = None) -> tuple[dict, float, str | None]:
     """Offer ``rate`` events/s for ``warmup_s + seconds``.
 
-    Returns the load summary, the end of the warm-up in epoch ms, and the output of ``read_metrics`` called
-    when the warm-up ended (None without it).
+    Returns the load summary (with ``cpu``, the shares of ``cpu`` over the measured seconds, when given), the
+    end of the warm-up in epoch ms, and the output of ``read_metrics`` called when the warm-up ended (None
+    without it).
     """
     print(f"  offering {rate:,} events/s for {warmup_s:g} s of warm-up and {seconds:g} s measured ...", flush=True)
     measured_from_ms = time.time() * 1000 + warmup_s * 1000
     load = asyncio.create_task(paced_load(broker, topic, pool, rate, warmup_s + seconds, pool_start))
     await asyncio.sleep(warmup_s)
+    cpu_before = cpu.sample() if cpu is not None else None
     metrics = await asyncio.to_thread(read_metrics) if read_metrics is not None else None
-    return await load, measured_from_ms, metrics
+    summary = await load
+    if cpu is not None and cpu_before is not None:
+        summary["cpu"] = cpu.shares(cpu_before, cpu.sample())
+    return summary, measured_from_ms, metrics
+
+
+async def wait_for_outputs(broker: Broker, topic: str, start: dict[int, int], count: int, log_name: str) -> None:
+    """Wait until ``topic`` holds ``count`` records after the end offsets ``start``."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while True:
+        end = await broker.end_offsets(topic)
+        if sum(end.values()) - sum(start.values()) >= count:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Timed out after {DRAIN_TIMEOUT_S:.0f} s waiting for {count:,} outputs in {topic}; "
+                               f"see {log_name}")
+        await asyncio.sleep(COMMIT_POLL_S)
+
+
+async def prewarm(broker: Broker, topics: Topics, pool: list[tuple[int, bytes, bytes]], seconds: float,
+                  log_name: str) -> int:
+    """Offer an unmeasured load for ``seconds``, wait for all its outputs and return the events sent."""
+    if seconds <= 0:
+        return 0
+    print(f"  pre-warming with {PREWARM_EVENTS_PER_S:,} events/s for {seconds:g} s (not measured) ...", flush=True)
+    output_start = await broker.end_offsets(topics.output)
+    sent = await paced_load(broker, topics.input, pool, PREWARM_EVENTS_PER_S, seconds, 0)
+    await wait_for_outputs(broker, topics.output, output_start, sent["sent"], log_name)
+    return sent["sent"]
 
 
 async def measure_latency(broker: Broker, service: ServiceProcess, topics: Topics, loads: list[int],
-                          seconds: float, warmup_s: float, pool: list[tuple[int, bytes, bytes]]) -> list[dict]:
+                          seconds: float, warmup_s: float, pool: list[tuple[int, bytes, bytes]],
+                          prewarm_s: float = 0.0) -> list[dict]:
     """Offer each load to a running, caught-up service and summarize the latency of its outputs."""
     rows = []
-    pool_start = 0
+    pool_start = await prewarm(broker, topics, pool, prewarm_s, str(service.log_path))
     for rate in loads:
         output_start = await broker.end_offsets(topics.output)
+        cpu = CpuMeter({"service": service.process.pid, "broker": broker.pid, "driver": os.getpid()})
         sent, measured_from_ms, before = await warmed_load(broker, topics.input, pool, rate, seconds, warmup_s,
-                                                           pool_start, service.metrics_text)
+                                                           pool_start, service.metrics_text, cpu)
         pool_start += sent["sent"]
         produced = time.perf_counter()
         input_ends = await broker.end_offsets(topics.input)
@@ -522,9 +646,10 @@ async def measure_latency(broker: Broker, service: ServiceProcess, topics: Topic
     return rows
 
 
-async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path) -> dict:
+async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path, broker_pid: int | None = None
+                        ) -> dict:
     model_path = write_model(work_dir / "seed-lstm.pt")
-    broker = Broker(bootstrap)
+    broker = Broker(bootstrap, broker_pid)
     await broker.start()
     try:
         throughput, service, topics = await measure_throughput(broker, work_dir, model_path, args)
@@ -539,18 +664,17 @@ async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path
         print("Latency with default settings:", flush=True)
         try:
             default_rows = await measure_latency(broker, service, topics, loads, args.load_seconds,
-                                                 args.warmup_seconds, pool)
+                                                 args.warmup_seconds, pool, args.prewarm_seconds)
         finally:
             exit_code = service.stop()
         if exit_code != 0:
             raise RuntimeError(f"service exited with {exit_code}:\n{service.log_tail()}")
         runs = [{"settings": "defaults", "environment": {}, "throughput": throughput, "loads": default_rows}]
 
-        for alternative in args.alternative:
-            name, value = alternative.split("=", 1)
-            runs.append(await alternative_run(broker, work_dir, model_path, {name: value}, loads, args, pool))
+        for environment in args.alternative:
+            runs.append(await alternative_run(broker, work_dir, model_path, environment, loads, args, pool))
         floor = None if args.no_floor else await measure_floor(broker, work_dir, loads, args.load_seconds,
-                                                               args.warmup_seconds, pool)
+                                                               args.warmup_seconds, pool, args.prewarm_seconds)
         return {"throughput": throughput, "latency": runs, "client_floor": floor}
     finally:
         await broker.close()
@@ -564,7 +688,8 @@ async def alternative_run(broker: Broker, work_dir: Path, model_path: Path, envi
     throughput, service, topics = await measure_throughput(broker, work_dir, model_path, args, environment)
     print_throughput(throughput)
     try:
-        rows = await measure_latency(broker, service, topics, loads, args.load_seconds, args.warmup_seconds, pool)
+        rows = await measure_latency(broker, service, topics, loads, args.load_seconds, args.warmup_seconds, pool,
+                                     args.prewarm_seconds)
     finally:
         exit_code = service.stop()
     if exit_code != 0:
@@ -573,7 +698,7 @@ async def alternative_run(broker: Broker, work_dir: Path, model_path: Path, envi
 
 
 async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], seconds: float, warmup_s: float,
-                        pool: list[tuple[int, bytes, bytes]]) -> list[dict]:
+                        pool: list[tuple[int, bytes, bytes]], prewarm_s: float = 0.0) -> list[dict]:
     """Offer the same loads to ``kafka_passthrough.py``: the latency of the Kafka clients with no processing."""
     print("Latency floor (aiokafka pass-through, no processing):", flush=True)
     topics = Topics.unique("floor")
@@ -586,21 +711,15 @@ async def measure_floor(broker: Broker, work_dir: Path, loads: list[int], second
         if ready.strip() != b"ready":
             raise RuntimeError(f"the pass-through exited with {process.poll()}; see {log.name}")
         rows = []
-        pool_start = 0
+        pool_start = await prewarm(broker, topics, pool, prewarm_s, log.name)
         for rate in loads:
             output_start = await broker.end_offsets(topics.output)
+            cpu = CpuMeter({"passthrough": process.pid, "broker": broker.pid, "driver": os.getpid()})
             sent, measured_from_ms, _ = await warmed_load(broker, topics.input, pool, rate, seconds, warmup_s,
-                                                          pool_start)
+                                                          pool_start, cpu=cpu)
             pool_start += sent["sent"]
-            deadline = time.monotonic() + DRAIN_TIMEOUT_S
-            while True:
-                output_end = await broker.end_offsets(topics.output)
-                if sum(output_end.values()) - sum(output_start.values()) >= sent["sent"]:
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"Timed out after {DRAIN_TIMEOUT_S:.0f} s waiting for {sent['sent']:,} "
-                                       f"pass-through outputs; see {log.name}")
-                await asyncio.sleep(COMMIT_POLL_S)
+            await wait_for_outputs(broker, topics.output, output_start, sent["sent"], log.name)
+            output_end = await broker.end_offsets(topics.output)
             records = await read_outputs(broker.bootstrap, topics.output, output_start, output_end)
             rows.append({"offered_events_per_s": rate, **{k: round(v, 1) if isinstance(v, float) else v
                                                           for k, v in sent.items()},
@@ -633,21 +752,22 @@ def print_throughput(throughput: dict) -> None:
 
 def format_table(report: dict) -> str:
     lines = ["| settings | throughput ev/s | offered ev/s | achieved ev/s | outputs | p50 ms | p99 ms | max ms | "
-             "histogram p50 ms | histogram p99 ms | mean batch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "histogram p50 ms | histogram p99 ms | mean batch | CPU % service/broker/driver (machine) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in report["latency"]:
         for row in run["loads"]:
             kafka, histogram = row["kafka_timestamps"], row["service_histogram"]
             lines.append(f"| {run['settings']} | {run['throughput']['events_per_s']:,} | {row['offered_events_per_s']:,} | {row['achieved_events_per_s']:,.0f} "
                          f"| {kafka['outputs']:,} | {kafka.get('p50_ms', float('nan')):.0f} "
                          f"| {kafka.get('p99_ms', float('nan')):.0f} | {kafka.get('max_ms', float('nan')):.0f} "
-                         f"| {histogram['p50_ms']} | {histogram['p99_ms']} | {histogram['mean_batch_events']} |")
+                         f"| {histogram['p50_ms']} | {histogram['p99_ms']} | {histogram['mean_batch_events']} "
+                         f"| {format_cpu(row.get('cpu'), 'service')} |")
     for row in report.get("client_floor") or []:
         kafka = row["kafka_timestamps"]
         lines.append(f"| client floor (pass-through) | | {row['offered_events_per_s']:,} "
                      f"| {row['achieved_events_per_s']:,.0f} | {kafka['outputs']:,} "
                      f"| {kafka.get('p50_ms', float('nan')):.0f} | {kafka.get('p99_ms', float('nan')):.0f} "
-                     f"| {kafka.get('max_ms', float('nan')):.0f} | | | |")
+                     f"| {kafka.get('max_ms', float('nan')):.0f} | | | | {format_cpu(row.get('cpu'), 'passthrough')} |")
     return "\n".join(lines)
 
 
@@ -727,13 +847,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measured duration of each offered load, in s, after the warm-up")
     parser.add_argument("--warmup-seconds", type=float, default=2.0,
                         help="start of each load left out of the percentiles and the histogram window, in s")
+    parser.add_argument("--prewarm-seconds", type=float, default=30.0,
+                        help=f"unmeasured load of {PREWARM_EVENTS_PER_S:,} events/s offered to each service and to "
+                             "the pass-through before their measured loads, in s")
     parser.add_argument("--alternative", action="append", default=None, metavar="STREAMER_NAME=VALUE",
-                        help="repeat the loads with a service that has this setting changed (repeatable)")
+                        help="repeat the loads with a service that has this setting changed (repeatable; "
+                             "several assignments separated by spaces change together)")
     parser.add_argument("--no-alternative", action="store_true", help="measure the default settings only")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the client floor (the same loads through a pass-through with no processing)")
     parser.add_argument("--quick", action="store_true",
-                        help="50,000 events, 5 s per load, no alternative, outputs verified, no results file")
+                        help="50,000 events, 5 s per load, 2 s of pre-warming, no alternative, outputs verified, "
+                             "no results file")
     parser.add_argument("--verify-outputs", action="store_true",
                         help="read every output of the throughput phase and check one per input record")
     parser.add_argument("--bootstrap-servers", help="use this running broker instead of starting a local one")
@@ -744,13 +869,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.events = min(args.events, 50_000)
         args.load_seconds = min(args.load_seconds, 5.0)
         args.warmup_seconds = min(args.warmup_seconds, 1.0)
+        args.prewarm_seconds = min(args.prewarm_seconds, 2.0)
         args.verify_outputs = True
     if args.no_alternative or args.alternative is None:
         args.alternative = []
 
+    environments = []
     for alternative in args.alternative:
-        if "=" not in alternative or not alternative.startswith("STREAMER_"):
+        assignments = alternative.split()
+        if not assignments or any("=" not in item or not item.startswith("STREAMER_") for item in assignments):
             parser.error(f"invalid --alternative {alternative!r}: expected STREAMER_NAME=VALUE")
+        environments.append(dict(item.split("=", 1) for item in assignments))
+    args.alternative = environments
     if args.output is None and not args.quick:
         args.output = RESULTS
     return args
@@ -770,12 +900,12 @@ def main(argv: list[str] | None = None) -> int:
             print("Starting a local Kafka broker ...", flush=True)
             bootstrap = broker.start(timeout_s=120)
         try:
-            report = asyncio.run(run_benchmark(args, bootstrap, work_dir))
+            report = asyncio.run(run_benchmark(args, bootstrap, work_dir, broker.pid if broker is not None else None))
         finally:
             if broker is not None:
                 broker.stop()
 
-    report = {"machine": info, "command": "python " + " ".join(sys.argv),
+    report = {"machine": info, "command": "python " + " ".join(sys.argv), "prewarm_seconds": args.prewarm_seconds,
               "date": time.strftime("%Y-%m-%d"), "model": {"input": INPUT, "hidden": HIDDEN, "layers": LAYERS,
                                                           "output": OUTPUT},
               "latency_definition": "output record LogAppendTime minus input record CreateTime (copied by the "
