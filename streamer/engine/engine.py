@@ -64,11 +64,12 @@ class Engine:
         self.model.check_input_size(batch.features.shape[1])
         slots = self.arena.assign(batch.entities, batch.partitions)
         applied = batch.offsets > self.arena.last_offset[slots] if self.idempotent else np.ones(n, bool)
-        positions = np.flatnonzero(applied)
-        waves = plan_waves(slots[positions])
+        every_event = bool(applied.all())
+        positions = np.arange(n) if every_event else applied.nonzero()[0]
+        waves = plan_waves(slots if every_event else slots[positions])
         started = time.perf_counter()
         # One wave of every event, the common case, indexes with a slice, which copies no arrays.
-        whole_batch = len(waves) == 1 and positions.size == n
+        whole_batch = len(waves) == 1 and every_event
         with torch.inference_mode():
             for wave in waves:
                 at = slice(None) if whole_batch else positions[wave]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+SMALL_BATCH = 256
+
 
 def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
     """Return the event positions of each wave, in order.
@@ -14,6 +16,9 @@ def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
     n = slots.size
     if n == 0:
         return []
+    # A small batch of distinct entities, the common case, is one wave; a set finds that faster than sorting.
+    if n <= SMALL_BATCH and len(set(slots.tolist())) == n:
+        return [np.arange(n)]
     order = np.argsort(slots, kind="stable")
     sorted_slots = slots[order]
     starts = np.empty(n, bool)
