@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-SMALL_BATCH = 256
+# Batches up to this size are checked for distinct entities with a set before sorting.
+SET_CHECK_MAX_EVENTS = 256
 
 
 def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
@@ -16,8 +17,8 @@ def plan_waves(slots: np.ndarray) -> list[np.ndarray]:
     n = slots.size
     if n == 0:
         return []
-    # A small batch of distinct entities, the common case, is one wave; a set finds that faster than sorting.
-    if n <= SMALL_BATCH and len(set(slots.tolist())) == n:
+    # A small batch of distinct entities, the common case, is one wave. A set finds that faster than sorting.
+    if n <= SET_CHECK_MAX_EVENTS and len(set(slots.tolist())) == n:
         return [np.arange(n)]
     order = np.argsort(slots, kind="stable")
     sorted_slots = slots[order]
