@@ -24,3 +24,28 @@ def test_each_entity_once_per_wave():
 
 def test_empty_batch_has_no_waves():
     assert plan_waves(np.zeros(0, np.int64)) == []
+
+
+def reference_waves(slots: np.ndarray) -> list[list[int]]:
+    """Wave k holds each entity's k-th event, by counting events per slot in arrival order."""
+    seen: dict[int, int] = {}
+    waves: list[list[int]] = []
+    for position, slot in enumerate(slots.tolist()):
+        rank = seen.get(slot, 0)
+        seen[slot] = rank + 1
+        if rank == len(waves):
+            waves.append([])
+        waves[rank].append(position)
+    return waves
+
+
+def test_matches_reference_around_set_check_bound():
+    rng = np.random.default_rng(1)
+    # Sizes on both sides of the bound, with distinct slots and with repeats.
+    for size in (1, 2, 255, 256, 257, 600):
+        for distinct in (True, False):
+            slots = rng.permutation(10 * size)[:size] if distinct else rng.integers(0, max(1, size // 3), size)
+
+            waves = plan_waves(slots)
+
+            assert [wave.tolist() for wave in waves] == reference_waves(slots)
