@@ -15,8 +15,8 @@ to one interval after the last batch.
 Latency: the same service first gets an unmeasured load of 10,000 events/s for ``--prewarm-seconds``. On the
 benchmark machine the broker's CPU use at a load halved after its first 10 to 20 s of small requests (its JVM
 compiles their code paths then), and p99 fell from 24 to 11 ms at 10,000 events/s with the same service, so
-a fresh broker would put its own warm-up into whichever load came first. Then the service gets paced loads (events/s, ``--loads``; ``half`` is half the measured
-throughput), each for ``--warmup-seconds`` of warm-up and then ``--load-seconds`` measured. Outputs of events
+a fresh broker would put its own warm-up into whichever load came first. Then the service gets paced loads
+(events/s, ``--loads``; ``half`` is half the measured throughput), each for ``--warmup-seconds`` of warm-up and then ``--load-seconds`` measured. Outputs of events
 created during the warm-up count towards the output checks but not the percentiles (their p99 is reported as
 ``warmup_p99_ms``). Input events carry no ``ts`` field, so the service takes the
 input record's Kafka timestamp (CreateTime, set by this driver when it appends the record to a batch) as
@@ -347,6 +347,8 @@ async def paced_load(broker: Broker, topic: str, pool: list[tuple[int, bytes, by
 
 @dataclass
 class CpuSample:
+    """Cumulative CPU ticks of each named process and of the machine at one moment."""
+
     monotonic_s: float
     process_ticks: dict[str, int]
     machine_busy_ticks: int
