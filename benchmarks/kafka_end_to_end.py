@@ -16,11 +16,11 @@ Latency: the same service first gets an unmeasured load of 10,000 events/s for `
 benchmark machine the broker's CPU use at a load halved after its first 10 to 20 s of small requests (its JVM
 compiles their code paths then), and p99 fell from 24 to 11 ms at 10,000 events/s with the same service, so
 a fresh broker would put its own warm-up into whichever load came first. Then the service gets paced loads
-(events/s, ``--loads``; ``half`` is half the measured throughput), each for ``--warmup-seconds`` of warm-up and then ``--load-seconds`` measured. Outputs of events
-created during the warm-up count towards the output checks but not the percentiles (their p99 is reported as
-``warmup_p99_ms``). Input events carry no ``ts`` field, so the service takes the
-input record's Kafka timestamp (CreateTime, set by this driver when it appends the record to a batch) as
-the event time and copies it into the output's ``ts``. The output topic uses
+(events/s, ``--loads``; ``half`` is half the measured throughput), each for ``--warmup-seconds`` of warm-up
+and then ``--load-seconds`` measured. Outputs of events created during the warm-up count towards the output
+checks but not the percentiles (their p99 is reported as ``warmup_p99_ms``). Input events carry no ``ts``
+field, so the service takes the input record's Kafka timestamp (CreateTime, set by this driver when it
+appends the record to a batch) as the event time and copies it into the output's ``ts``. The output topic uses
 ``message.timestamp.type=LogAppendTime``, so the broker stamps each output when it appends it to the log.
 The per-record latency is that LogAppendTime minus ``ts``: from the event's creation until its output is
 in Kafka (before the offset commit). Both clocks are this machine's, in milliseconds. Outputs are read
