@@ -596,7 +596,7 @@ async def warmed_load(broker: Broker, topic: str, pool: list[tuple[int, bytes, b
 
 
 async def wait_for_outputs(broker: Broker, topic: str, start: dict[int, int], count: int, log_name: str) -> None:
-    """Wait until ``topic`` holds ``count`` records after the end offsets ``start``."""
+    """Wait until ``topic`` contains ``count`` records after the end offsets ``start``."""
     deadline = time.monotonic() + DRAIN_TIMEOUT_S
     while True:
         end = await broker.end_offsets(topic)

@@ -27,7 +27,7 @@ def test_empty_batch_has_no_waves():
 
 
 def reference_waves(slots: np.ndarray) -> list[list[int]]:
-    """Wave k holds each entity's k-th event, by counting events per slot in arrival order."""
+    """Return the waves by counting events per slot in arrival order: wave k contains each entity's k-th event."""
     seen: dict[int, int] = {}
     waves: list[list[int]] = []
     for position, slot in enumerate(slots.tolist()):

@@ -54,7 +54,7 @@ def test_quick_benchmark_one_output_per_event(kafka_bootstrap, tmp_path):
 
 
 def assert_cpu_shares(cpu: dict, process: str) -> None:
-    # The broker belongs to the test session, so the benchmark knows no broker process to measure.
+    # The broker belongs to the test session, so the benchmark has no broker process id to measure.
     assert set(cpu) == {f"{process}_core_percent", "driver_core_percent", "machine_busy_percent"}
     # Both processes did work in the window: consuming and producing, or pacing the load.
     assert 0 < cpu[f"{process}_core_percent"] <= 100 * os.cpu_count() + 5

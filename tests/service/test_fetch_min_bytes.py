@@ -1,4 +1,4 @@
-"""STREAMER_FETCH_MIN_BYTES reaches the consumer: the broker answers a fetch after enough bytes or the maximum wait."""
+"""STREAMER_FETCH_MIN_BYTES reaches the consumer: the broker returns a fetch after enough bytes or the maximum wait."""
 
 from __future__ import annotations
 
