@@ -60,11 +60,10 @@ BROKER_LOG_NAME = "broker.log"
 STATE_FILE_NAME = "broker.json"
 LOG_TAIL_LINES = 40
 
-# A fixed heap of 768 MiB keeps the broker light next to the service under
-# test. Kafka's own scripts (kafka-server-start.sh and kafka-run-class.sh) use
-# a 1 GiB heap and G1. ZGC replaced SerialGC, whose young collections stopped
-# the broker for 8-11 ms about every 0.75 s at 10,000 events/s on the
-# benchmark machine, which showed in the service's p99 latency.
+# A fixed 768 MiB heap keeps the broker light next to the service under test
+# (Kafka's own scripts use 1 GiB and G1). ZGC, because SerialGC's young
+# collections stopped the broker for 8-11 ms about every 0.75 s at 10,000
+# events/s on the benchmark machine, which showed in the service's p99.
 BROKER_JVM_OPTIONS = (
     "-Xms768m",
     "-Xmx768m",
