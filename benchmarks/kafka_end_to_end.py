@@ -603,8 +603,8 @@ async def wait_for_outputs(broker: Broker, topic: str, start: dict[int, int], co
         if sum(end.values()) - sum(start.values()) >= count:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"Timed out after {DRAIN_TIMEOUT_S:.0f} s waiting for {count:,} outputs in {topic}; "
-                               f"see {log_name}")
+            raise RuntimeError(f"Timed out after {DRAIN_TIMEOUT_S:.0f} s waiting for {count:,} outputs in {topic}. "
+                               f"See {log_name}")
         await asyncio.sleep(COMMIT_POLL_S)
 
 
@@ -853,8 +853,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"unmeasured load of {PREWARM_EVENTS_PER_S:,} events/s offered to each service and to "
                              "the pass-through before their measured loads, in s")
     parser.add_argument("--alternative", action="append", default=None, metavar="STREAMER_NAME=VALUE",
-                        help="repeat the loads with a service that has this setting changed (repeatable; "
-                             "several assignments separated by spaces change together)")
+                        help="repeat the loads with a service that has this setting changed. Repeatable, and "
+                             "several assignments separated by spaces change together")
     parser.add_argument("--no-alternative", action="store_true", help="measure the default settings only")
     parser.add_argument("--no-floor", action="store_true",
                         help="skip the client floor (the same loads through a pass-through with no processing)")

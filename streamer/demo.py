@@ -138,5 +138,5 @@ def _print_service_figures(outputs: list[dict], expected: int, elapsed: float, m
     typer.echo("  end-to-end latency from /metrics: " + ", ".join(
         f"p{int(q * 100)} {value * 1000:.1f} ms" if value is not None else f"p{int(q * 100)} n/a"
         for q, value in percentiles.items()))
-    typer.echo(f"  (all {expected:,} events are sent at once, so each waits behind the ones before it; "
-               "make bench-kafka measures paced loads)")
+    typer.echo(f"  (all {expected:,} events are sent at once, so each waits behind the ones before it. "
+               "make bench-kafka measures paced loads.)")

@@ -35,11 +35,11 @@ def test_busy_and_idle_process_shares() -> None:
     # A spinning process uses most of one core, less only when other busy processes share that core.
     assert busy["driver_core_percent"] > 40
     assert idle["driver_core_percent"] < 20
-    assert 0 <= idle["machine_busy_percent"] <= busy["machine_busy_percent"] + 100
+    assert 0 <= idle["machine_busy_percent"] <= 100
     assert 0 < busy["machine_busy_percent"] <= 100
 
 
-def test_exited_and_unknown_processes_are_left_out() -> None:
+def test_exited_processes_left_out() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     meter = CpuMeter({"service": child.pid, "broker": None, "driver": os.getpid()})

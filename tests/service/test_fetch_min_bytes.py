@@ -19,7 +19,7 @@ EVENTS = 4
 GAP_S = 0.15
 
 
-def test_events_spread_over_the_wait_share_a_batch(kafka_bootstrap, tmp_path):
+def test_spread_events_share_held_fetch(kafka_bootstrap, tmp_path):
     torch.manual_seed(13)
     model_path = tmp_path / "net.pt"
     torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
