@@ -36,6 +36,38 @@ def test_growth_adds_pages_and_keeps_rows():
     assert torch.equal(arena.gather("h", more), values)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_rows_match_tensor_rows(dtype):
+    """Pages in host memory are read and written through numpy; rows must equal those of the tensor path.
+
+    bfloat16 has no numpy dtype, so an arena of it takes the tensor path (the one used on a GPU) on the CPU.
+    """
+    host = make_arena(dtype=dtype)
+    tensor_path = make_arena(dtype=torch.bfloat16)
+    assert host._host and not tensor_path._host
+    rng = np.random.default_rng(3)
+    entities = [f"e{i}" for i in range(23)]
+    for round_ in range(6):
+        chosen = [entities[i] for i in rng.choice(len(entities), 9, replace=False)]
+        slots = host.assign(chosen)
+        assert np.array_equal(slots, tensor_path.assign(chosen))
+        assert torch.equal(host.gather("h", slots).to(torch.bfloat16), tensor_path.gather("h", slots))
+        # Values exact in bfloat16, so both paths store the same numbers.
+        values = torch.from_numpy(rng.integers(-8, 8, (slots.size, 2, 3))).to(torch.float32) / 4
+        host.scatter("h", slots, values)
+        tensor_path.scatter("h", slots, values)
+        assert host.gather("h", slots).dtype == dtype
+        assert torch.equal(host.gather("h", slots), values.to(dtype))
+        if round_ == 3:
+            host.remove_entities(chosen[:4])
+            tensor_path.remove_entities(chosen[:4])
+    occupied = host.occupied_slots()
+    assert np.array_equal(occupied, tensor_path.occupied_slots())
+    assert len(host._pages) > 1  # the slots span several pages
+    assert torch.equal(host.gather("h", occupied).to(torch.bfloat16), tensor_path.gather("h", occupied))
+    assert torch.equal(host.gather("c", occupied).to(torch.bfloat16), tensor_path.gather("c", occupied))
+
+
 def test_capacity_evicts_least_recently_used():
     arena = make_arena(capacity=100)
     arena.assign([f"old{i}" for i in range(50)])
