@@ -38,7 +38,7 @@ def test_growth_adds_pages_and_keeps_rows():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_host_rows_match_tensor_rows(dtype):
-    """Pages in host memory are read and written through numpy; rows must equal those of the tensor path.
+    """Check that rows read and written through numpy equal those of the tensor path.
 
     bfloat16 has no numpy dtype, so an arena of it takes the tensor path (the one used on a GPU) on the CPU.
     """
@@ -47,18 +47,18 @@ def test_host_rows_match_tensor_rows(dtype):
     assert host._host and not tensor_path._host
     rng = np.random.default_rng(3)
     entities = [f"e{i}" for i in range(23)]
-    for round_ in range(6):
+    for step in range(6):
         chosen = [entities[i] for i in rng.choice(len(entities), 9, replace=False)]
         slots = host.assign(chosen)
         assert np.array_equal(slots, tensor_path.assign(chosen))
         assert torch.equal(host.gather("h", slots).to(torch.bfloat16), tensor_path.gather("h", slots))
-        # Values exact in bfloat16, so both paths store the same numbers.
+        # The values are exact in bfloat16, so both paths store the same numbers.
         values = torch.from_numpy(rng.integers(-8, 8, (slots.size, 2, 3))).to(torch.float32) / 4
         host.scatter("h", slots, values)
         tensor_path.scatter("h", slots, values)
         assert host.gather("h", slots).dtype == dtype
         assert torch.equal(host.gather("h", slots), values.to(dtype))
-        if round_ == 3:
+        if step == 3:
             host.remove_entities(chosen[:4])
             tensor_path.remove_entities(chosen[:4])
     occupied = host.occupied_slots()
