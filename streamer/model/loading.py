@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -185,10 +187,18 @@ def read_model_file(path: str | Path) -> tuple[ModelManifest, dict[str, torch.Te
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several unrelated types for corrupt or foreign files
-        detail = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ModelError(f"Cannot read model file {path} ({type(error).__name__}: {detail}): expected a "
-                         "state_dict saved with torch.save(net.state_dict(), path) or a streamer bundle; a "
-                         "whole module saved with torch.save(net) is not accepted") from error
+        expected = "expected a state_dict saved with torch.save(net.state_dict(), path) or a streamer bundle"
+        # torch.save writes a zip archive. torch's own message for a weights-only failure suggests
+        # weights_only=False, which would run code from the file, so it is replaced.
+        if not zipfile.is_zipfile(path):
+            reason = "not a file written by torch.save (not a zip archive)"
+        elif isinstance(error, pickle.UnpicklingError):
+            reason = ("it contains Python objects, not only tensors (a whole module saved with torch.save(net) "
+                      "is one)")
+        else:
+            detail = (str(error).strip().splitlines() or [""])[0][:200]
+            reason = f"torch.load failed ({type(error).__name__}: {detail})"
+        raise ModelError(f"Invalid model file {path}: {reason}; {expected}") from error
     if not isinstance(payload, Mapping):
         raise ModelError(f"Invalid model file {path}: expected a state_dict or a bundle, found {type(payload).__name__}")
     if payload.get("format") == BUNDLE_FORMAT:

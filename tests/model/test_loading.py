@@ -111,15 +111,19 @@ def test_missing_and_foreign_files(tmp_path):
         load_model(tmp_path / "absent.pt")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
-    with pytest.raises(ModelError, match="Cannot read model file"):
+    with pytest.raises(ModelError, match="not a file written by torch.save") as raised:
         load_model(garbage)
+    assert "whole module" not in str(raised.value)
+    assert "weights_only" not in str(raised.value)
 
 
 def test_whole_module_file_names_the_fix(tmp_path):
     torch.save(SeedNet(2, 4, 5, 1, 1), tmp_path / "module.pt")
 
-    with pytest.raises(ModelError, match=r"torch.save\(net.state_dict\(\), path\)"):
+    with pytest.raises(ModelError, match=r"torch.save\(net.state_dict\(\), path\)") as raised:
         load_model(tmp_path / "module.pt")
+    assert "whole module saved with torch.save(net)" in str(raised.value)
+    assert "weights_only" not in str(raised.value)
 
 
 @pytest.mark.parametrize("broken", [{"state_dict": {}}, {"manifest": "lstm", "state_dict": {}}])
