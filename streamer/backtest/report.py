@@ -254,9 +254,10 @@ def format_summary(summary: Mapping) -> str:
     if "elapsed_s" in run:
         counts.append(f"elapsed {_format_number(float(run['elapsed_s']), '.2f')} s")
     lines = [", ".join(counts)]
+    mape = _format_number(metrics.get("mape_percent"), ".2f")
     accuracy = (
         f"scored {summary.get('scored_records')} records: MAE {_format_number(metrics.get('mae'))}, "
-        f"RMSE {_format_number(metrics.get('rmse'))}, MAPE {_format_number(metrics.get('mape_percent'), '.2f')} %"
+        f"RMSE {_format_number(metrics.get('rmse'))}, MAPE {mape}{'' if mape == 'n/a' else ' %'}"
     )
     if metrics.get("mape_excluded"):
         accuracy += f" ({metrics['mape_excluded']} zero targets left out of MAPE)"

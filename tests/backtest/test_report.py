@@ -215,6 +215,16 @@ def test_format_summary_lines(tmp_path):
     assert "1 zero targets left out of MAPE" in text
 
 
+def test_format_summary_without_mape():
+    summary = {"records": 3, "entities": 1, "scored_records": 3,
+               "metrics": {"mae": 0.5, "rmse": 0.5, "mape_percent": None}}
+
+    text = format_summary(summary)
+
+    assert "MAPE n/a" in text
+    assert "n/a %" not in text
+
+
 def _divergence_runs():
     stateful = [
         _record("A", 0, 0, [1.0], line=0),
