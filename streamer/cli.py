@@ -288,17 +288,10 @@ def kafka_produce(
     """
     import asyncio
 
-    from streamer.errors import ConfigError
     from streamer.kafka.file_producer import produce_file
-    from streamer.kafka.local_broker import broker_status
 
     configure_logging()
-    if bootstrap_servers is None:
-        state = broker_status()
-        if state is None:
-            raise ConfigError("Missing --bootstrap-servers: no local broker is running; start one with "
-                              "`streamer kafka start` or pass the broker's address")
-        bootstrap_servers = state.bootstrap_servers
+    bootstrap_servers = bootstrap_servers or _local_bootstrap_servers()
     feature_names = None
     if model is not None:
         from streamer.model import load_model
@@ -307,6 +300,45 @@ def kafka_produce(
     count = asyncio.run(produce_file(input, topic, bootstrap_servers, partitions=partitions,
                                      feature_names=feature_names))
     typer.echo(f"produced {count} records to {topic} on {bootstrap_servers}")
+
+
+@kafka_app.command("consume")
+def kafka_consume(
+    topic: str = typer.Argument(..., help="Topic to read, for example the output or dead-letter topic of `run`."),
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Broker address (default: the local broker "
+                                                    "started with `streamer kafka start`)."),
+    from_beginning: bool = typer.Option(False, "--from-beginning",
+                                        help="Start at the earliest record instead of the next new one."),
+    max_messages: Optional[int] = typer.Option(None, min=1, help="Exit after this many records."),
+    timeout_ms: Optional[int] = typer.Option(None, min=1, help="Exit when no record arrives for this long."),
+    print_key: bool = typer.Option(False, "--print-key", help="Print each record's key before its value."),
+    print_headers: bool = typer.Option(False, "--print-headers",
+                                       help="Print each record's headers first (dead letters carry their reason "
+                                       "in them)."),
+) -> None:
+    """Print a topic's records, one per line, without joining a consumer group (Ctrl-C stops)."""
+    import asyncio
+
+    from streamer.kafka.topic_printer import print_topic
+
+    configure_logging()
+    bootstrap_servers = bootstrap_servers or _local_bootstrap_servers()
+    try:
+        asyncio.run(print_topic(topic, bootstrap_servers, from_beginning=from_beginning, max_messages=max_messages,
+                                timeout_ms=timeout_ms, with_key=print_key, with_headers=print_headers,
+                                write=typer.echo))
+    except KeyboardInterrupt:
+        pass
+
+
+def _local_bootstrap_servers() -> str:
+    from streamer.kafka.local_broker import broker_status
+
+    state = broker_status()
+    if state is None:
+        raise ConfigError("Missing --bootstrap-servers: no local broker is running; start one with "
+                          "`streamer kafka start` or pass the broker's address")
+    return state.bootstrap_servers
 
 
 @kafka_app.command("status")

@@ -48,6 +48,16 @@ async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_
         await admin.close()
 
 
+async def list_topics(bootstrap_servers: str, request_timeout_ms: int) -> set[str]:
+    """Return the names of the topics on the cluster."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms)
+    await admin.start()
+    try:
+        return set(await admin.list_topics())
+    finally:
+        await admin.close()
+
+
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str], attempts: int = 50) -> dict[str, int]:
     """Describe topics until every one reports its partitions; new topics need a moment to appear."""
     counts: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""`streamer kafka produce`: a file's events on a topic, keyed by entity, bad records included."""
+"""`streamer kafka produce` and `kafka consume`: a file's events on a topic, keyed by entity, and read back."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from typer.testing import CliRunner
 
 from streamer.cli import app
+from streamer.errors import ConfigError
 from streamer.kafka.file_producer import entity_key, produce_file
 from streamer.kafka.producer import KeyPartitioner
+from streamer.kafka.topic_printer import format_record
 
 LINES = [
     orjson.dumps({"entity": "a", "features": [1.0, 2.0]}),
@@ -84,3 +86,52 @@ def test_cli_produce_uses_the_given_broker(kafka_bootstrap, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"produced 2 records to {topic}" in result.output
     assert sum(len(v) for v in read_topic(kafka_bootstrap, topic, 2).values()) == 2
+
+
+def test_cli_consume_prints_keys_and_headers(kafka_bootstrap, tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(LINES[:2]) + b"\n")
+    topic = f"consume-cli-{uuid.uuid4().hex[:12]}"
+    runner = CliRunner()
+    produced = runner.invoke(app, ["kafka", "produce", str(path), "--topic", topic,
+                                   "--bootstrap-servers", kafka_bootstrap, "--partitions", "1"])
+    assert produced.exit_code == 0, produced.output
+
+    result = runner.invoke(app, ["kafka", "consume", topic, "--bootstrap-servers", kafka_bootstrap,
+                                 "--from-beginning", "--max-messages", "2", "--print-key", "--print-headers"])
+
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines == [f"NO_HEADERS\ta\t{LINES[0].decode()}", f"NO_HEADERS\t7\t{LINES[1].decode()}"]
+
+
+def test_cli_consume_stops_after_timeout(kafka_bootstrap, tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(LINES[0] + b"\n")
+    topic = f"consume-idle-{uuid.uuid4().hex[:12]}"
+    runner = CliRunner()
+    assert runner.invoke(app, ["kafka", "produce", str(path), "--topic", topic,
+                               "--bootstrap-servers", kafka_bootstrap]).exit_code == 0
+
+    result = runner.invoke(app, ["kafka", "consume", topic, "--bootstrap-servers", kafka_bootstrap,
+                                 "--from-beginning", "--timeout-ms", "1500"])
+
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [LINES[0].decode()]
+
+
+def test_cli_consume_unknown_topic(kafka_bootstrap):
+    result = CliRunner().invoke(app, ["kafka", "consume", "no-such-topic-here", "--bootstrap-servers",
+                                      kafka_bootstrap, "--timeout-ms", "1000"])
+
+    assert isinstance(result.exception, ConfigError)
+    assert "Topic not found: no-such-topic-here" in str(result.exception)
+
+
+def test_format_record_fields():
+    headers = [("streamer.reason", b"invalid_json"), ("streamer.source.offset", b"12")]
+
+    line = format_record(None, b"{not json", headers, with_key=True, with_headers=True)
+
+    assert line == "streamer.reason:invalid_json,streamer.source.offset:12\tnull\t{not json"
+    assert format_record(b"a", b"\xffx", [], with_key=False, with_headers=False) == "\ufffdx"
