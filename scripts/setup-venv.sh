@@ -31,6 +31,9 @@ if [ ! -f .venv/.deps ] || [ "$(cat .venv/.deps)" != "$deps" ]; then
   echo "$deps_site" > "$site/streamer-deps.pth"
   echo "$deps" > .venv/.deps
 fi
-.venv/bin/python -m pip install --quiet --no-deps --no-build-isolation --disable-pip-version-check -e .
+# setuptools warns on every editable install that a folder named like the package could shadow it, which
+# reads as an error to a newcomer. Here that folder is the package itself.
+PYTHONWARNINGS=ignore .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation \
+  --disable-pip-version-check -e .
 .venv/bin/python -c 'import torch, aiokafka, prometheus_client, orjson, streamer' \
   || { echo "setup-venv: .venv cannot import its packages; remove $deps and run again" >&2; exit 1; }
