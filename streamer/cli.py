@@ -357,14 +357,18 @@ def main() -> None:
     """Run the command line; expected failures print one ``error:`` line instead of a traceback.
 
     Exit codes: 2 for invalid input, settings or models and for local broker failures, 1 for file system
-    errors and failed Kafka requests.
+    errors and failed Kafka requests (an unreachable broker included).
     """
     from aiokafka.errors import KafkaError
 
+    from streamer.errors import BrokerError
     from streamer.kafka.local_broker import BrokerError as LocalBrokerError
 
     try:
         app()
+    except BrokerError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(1) from None
     except (StreamerError, LocalBrokerError) as error:
         typer.echo(f"error: {error}", err=True)
         raise SystemExit(2) from None

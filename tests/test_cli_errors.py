@@ -70,6 +70,22 @@ def test_output_under_a_file_is_one_error_line(tmp_path):
     assert "Traceback" not in completed.stderr
 
 
+@pytest.mark.parametrize("command", [["kafka", "produce", "EVENTS", "--topic", "t"],
+                                     ["backtest", "--model", "NET", "--topic", "t", "--output", "OUT"],
+                                     ["kafka", "consume", "t", "--timeout-ms", "100"]])
+def test_unreachable_broker_exits_with_one(tmp_path, command):
+    (tmp_path / "in.jsonl").write_text('{"entity": "a", "features": [1.0, 2.0]}\n')
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    paths = {"EVENTS": str(tmp_path / "in.jsonl"), "NET": str(tmp_path / "net.pt"),
+             "OUT": str(tmp_path / "out.jsonl")}
+
+    completed = streamer(*[paths.get(part, part) for part in command], "--bootstrap-servers", "127.0.0.1:1")
+
+    assert completed.returncode == 1, completed.stderr
+    assert "127.0.0.1:1" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
 def test_generate_rejects_zero_zipf_exponent(tmp_path):
     completed = streamer("generate", "--output", str(tmp_path / "g.jsonl"), "--events", "10", "--zipf", "0")
 
