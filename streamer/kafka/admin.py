@@ -59,13 +59,19 @@ async def list_topics(bootstrap_servers: str, request_timeout_ms: int) -> set[st
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str], attempts: int = 50) -> dict[str, int]:
-    """Describe topics until every one reports its partitions; new topics need a moment to appear."""
+    """Describe topics until every one reports its partitions, each with a leader.
+
+    New topics need a moment to appear, and a producer that sends before a partition has a leader gets
+    NotLeaderForPartition and retries with a warning.
+    """
     counts: dict[str, int] = {}
     for _ in range(attempts):
         described = await admin.describe_topics(names)
-        counts = {item["topic"]: len(item["partitions"]) for item in described if item["partitions"]}
+        counts = {item["topic"]: len(item["partitions"]) for item in described
+                  if item["partitions"] and all(partition["leader"] >= 0 for partition in item["partitions"])}
         if len(counts) == len(names):
             return counts
         await asyncio.sleep(0.1)
     missing = sorted(set(names) - set(counts))
-    raise BrokerError(f"Topics {missing} report no partitions after creation; check the broker log")
+    raise BrokerError(f"Topics {missing} report no partitions or no partition leaders after creation; check the "
+                      "broker log")
