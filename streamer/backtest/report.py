@@ -255,8 +255,11 @@ def format_summary(summary: Mapping) -> str:
         counts.append(f"elapsed {_format_number(float(run['elapsed_s']), '.2f')} s")
     lines = [", ".join(counts)]
     mape = _format_number(metrics.get("mape_percent"), ".2f")
+    scored, records = summary.get("scored_records"), summary.get("records")
+    scope = (f"{scored} of {records} records (the others have no target)"
+             if isinstance(scored, int) and isinstance(records, int) and scored < records else f"{scored} records")
     accuracy = (
-        f"scored {summary.get('scored_records')} records: MAE {_format_number(metrics.get('mae'))}, "
+        f"scored {scope}: MAE {_format_number(metrics.get('mae'))}, "
         f"RMSE {_format_number(metrics.get('rmse'))}, MAPE {mape}{'' if mape == 'n/a' else ' %'}"
     )
     if metrics.get("mape_excluded"):

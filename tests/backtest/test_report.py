@@ -221,8 +221,17 @@ def test_format_summary_without_mape():
 
     text = format_summary(summary)
 
+    assert "scored 3 records:" in text
     assert "MAPE n/a" in text
     assert "n/a %" not in text
+
+
+def test_format_summary_counts_records_without_target():
+    summary = {"records": 5, "entities": 1, "scored_records": 3, "metrics": {"mae": 0.5, "rmse": 0.5}}
+
+    text = format_summary(summary)
+
+    assert "scored 3 of 5 records (the others have no target):" in text
 
 
 def _divergence_runs():
