@@ -22,7 +22,7 @@ import orjson
 import typer
 
 from streamer.backtest.report import format_summary, write_report
-from streamer.backtest.runner import backtest_file
+from streamer.backtest.runner import backtest_file, window_output_path
 from streamer.config import load_settings
 from streamer.data import load_fertility_events, write_events
 from streamer.io.files import read_outputs
@@ -73,7 +73,7 @@ def run_demo(work_dir: Path, epochs: int = 30) -> None:
     typer.echo("\nFile backtest (stateful, with a window run to compare)")
     typer.echo(format_summary(json.loads(paths.summary.read_text())))
     seq_len = load_model(bundle).manifest.seq_len
-    window_path = result.output_path.with_name(f"{result.output_path.stem}.window{result.output_path.suffix}")
+    window_path = window_output_path(result.output_path)
     typer.echo(format_accuracy_by_step(
         {"window": read_outputs(window_path), "stateful": read_outputs(result.output_path)}, seq_len))
     typer.echo(f"  report: {paths.html}")

@@ -25,6 +25,11 @@ def _check_compare_window(model: RecurrentModel, compare_window: bool) -> None:
         raise ConfigError("--compare-window needs seq_len: set it in the bundle manifest or pass --seq-len")
 
 
+def window_output_path(output_path: Path) -> Path:
+    """Return where the window-semantics run of ``--compare-window`` writes its outputs, beside ``output_path``."""
+    return output_path.with_name(f"{output_path.stem}.window{output_path.suffix}")
+
+
 def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, semantics: str = "stateful",
                   seq_len: int | None = None, batch_size: int = 4096, max_entities: int | None = None,
                   idle_expiry_ms: int | None = None, report_dir: Path | None = None, compare_window: bool = False,
@@ -36,7 +41,7 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     result = run_file_backtest(model, input_path, output_path, semantics=semantics, **options)
     window_records = None
     if compare_window and semantics == "stateful":
-        window_path = output_path.with_name(f"{output_path.stem}.window{output_path.suffix}")
+        window_path = window_output_path(output_path)
         run_file_backtest(model, input_path, window_path, semantics="window", **options)
         window_records = read_outputs(window_path)
     report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
@@ -96,8 +101,7 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
                                 keep_topic_outputs=True, semantics=semantics, **options)
     window_records = None
     if compare_window and semantics == "stateful":
-        window_path = (output_path.with_name(f"{output_path.stem}.window{output_path.suffix}")
-                       if output_path is not None else report_dir / "window.jsonl")
+        window_path = window_output_path(output_path) if output_path is not None else report_dir / "window.jsonl"
         run_topic_backtest(model, spec, output_path=window_path, semantics="window", **options)
         window_records = read_outputs(window_path)
     if output_path is not None:
