@@ -15,7 +15,8 @@ KNOWN_TOPICS_LISTED = 10  # topic names a "not found" error lists
 
 
 def format_record(key: bytes | None, value: bytes | None, headers, *, with_key: bool, with_headers: bool) -> str:
-    """Return one line for a record: headers, key and value, separated by tabs, as Kafka's console consumer."""
+    """Return one line for a record: headers, key and value, separated by tabs, in the order Kafka's console
+    consumer prints them (headers as name:value pairs joined by commas, NO_HEADERS when there are none)."""
     fields = []
     if with_headers:
         fields.append(",".join(f"{name}:{_text(header)}" for name, header in headers) or "NO_HEADERS")
@@ -33,7 +34,7 @@ async def print_topic(topic: str, bootstrap_servers: str, *, from_beginning: boo
                       max_messages: int | None = None, timeout_ms: int | None = None, with_key: bool = False,
                       with_headers: bool = False, write: Callable[[str], None] = print,
                       request_timeout_ms: int = 30_000) -> int:
-    """Write each record of every partition of ``topic`` as one line; return how many were written.
+    """Write each record of every partition of ``topic`` as one line and return how many were written.
 
     Reads without a consumer group, so no offsets are committed. Stops after ``max_messages`` records or
     when no record arrived for ``timeout_ms``, and otherwise runs until cancelled.
