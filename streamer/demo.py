@@ -84,9 +84,10 @@ def run_demo(work_dir: Path, epochs: int = 30) -> None:
 def format_accuracy_by_step(runs: dict[str, list[dict]], seq_len: int) -> str:
     """Return the MAE of each semantics over all scored outputs, an entity's first ``seq_len - 1`` and the rest.
 
-    A model trained on windows of ``seq_len`` events from zero state has a shorter history at an entity's
-    first events in both semantics. After them, window semantics repeats the training-time call while
-    stateful semantics carries the state past the trained length.
+    A model trained on windows of ``seq_len`` events from zero state is given partial windows at an entity's
+    first ``seq_len - 1`` events. Up to step ``seq_len`` both semantics compute the same outputs, because the
+    window still holds the entity's whole history. After it, window semantics repeats the training-time call
+    while stateful semantics carries the state past the trained length.
     """
     lines = [f"  MAE by semantics (the model was trained on windows of {seq_len} events from zero state):"]
     for name, outputs in runs.items():
@@ -98,8 +99,9 @@ def format_accuracy_by_step(runs: dict[str, list[dict]], seq_len: int) -> str:
                  f"steps 1-{seq_len - 1} {_mean(early)} ({len(early)})",
                  f"steps {seq_len}+ {_mean(late)} ({len(late)})"]
         lines.append(f"    {name:<8} " + ", ".join(parts))
-    lines.append(f"  Both semantics give the same outputs at steps 1-{seq_len - 1}. From step {seq_len} on, stateful "
-                 f"carries state past the {seq_len} events the model was trained on.")
+    lines.append(f"  Steps 1-{seq_len - 1} have partial windows, steps {seq_len}+ full ones. Both semantics give the "
+                 f"same outputs up to step {seq_len}. From step {seq_len + 1} on, stateful carries state past the "
+                 f"{seq_len} events the model was trained on.")
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ def test_accuracy_split_at_window_length() -> None:
     assert "windows of 3 events" in text
     assert "window   all 0.5333 (3), steps 1-2 0.7500 (2), steps 3+ 0.1000 (1)" in text
     assert "stateful all 0.6000 (3), steps 1-2 0.7500 (2), steps 3+ 0.3000 (1)" in text
+    assert "same outputs up to step 3. From step 4 on" in text
 
 
 def test_accuracy_without_targets_is_not_available() -> None:
