@@ -268,8 +268,11 @@ def kafka_stop(data_dir: Optional[Path] = typer.Option(None, help="Broker data d
     """Stop the local broker started with `streamer kafka start`."""
     from streamer.kafka.local_broker import stop_detached
 
+    from streamer.kafka.local_broker import default_data_dir
+
     configure_logging()
-    typer.echo("stopped" if stop_detached(data_dir=data_dir) else "not running")
+    directory = data_dir or default_data_dir()
+    typer.echo("stopped" if stop_detached(data_dir=directory) else f"not running (no broker started with {directory})")
 
 
 @kafka_app.command("produce")
@@ -299,7 +302,7 @@ def kafka_produce(
         feature_names = load_model(model).manifest.feature_names
     count = asyncio.run(produce_file(input, topic, bootstrap_servers, partitions=partitions,
                                      feature_names=feature_names))
-    typer.echo(f"produced {count} records to {topic} on {bootstrap_servers}")
+    typer.echo(f"produced {count} record{'' if count == 1 else 's'} to {topic} on {bootstrap_servers}")
 
 
 @kafka_app.command("consume")
@@ -313,8 +316,9 @@ def kafka_consume(
     timeout_ms: Optional[int] = typer.Option(None, min=1, help="Exit when no record arrives for this long."),
     print_key: bool = typer.Option(False, "--print-key", help="Print each record's key before its value."),
     print_headers: bool = typer.Option(False, "--print-headers",
-                                       help="Print each record's headers first (dead letters carry their reason "
-                                       "in them)."),
+                                       help="Print each record's headers first as name:value pairs joined by "
+                                       "commas (dead letters carry their reason in them). Values are printed as "
+                                       "they are, so a value can itself contain commas and colons."),
 ) -> None:
     """Print a topic's records, one per line, without joining a consumer group (Ctrl-C stops)."""
     import asyncio
@@ -332,23 +336,24 @@ def kafka_consume(
 
 
 def _local_bootstrap_servers() -> str:
-    from streamer.kafka.local_broker import broker_status
+    from streamer.kafka.local_broker import broker_status, default_data_dir
 
     state = broker_status()
     if state is None:
-        raise ConfigError("Missing --bootstrap-servers: no local broker is running; start one with "
-                          "`streamer kafka start` or pass the broker's address")
+        raise ConfigError(f"Missing --bootstrap-servers: no local broker is running with {default_data_dir()}; "
+                          "start one with `streamer kafka start` or pass the broker's address")
     return state.bootstrap_servers
 
 
 @kafka_app.command("status")
 def kafka_status(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory.")) -> None:
     """Print the local broker's address, or exit with 3 when it is not running."""
-    from streamer.kafka.local_broker import STATUS_NOT_RUNNING_EXIT_CODE, broker_status
+    from streamer.kafka.local_broker import STATUS_NOT_RUNNING_EXIT_CODE, broker_status, default_data_dir
 
-    state = broker_status(data_dir=data_dir)
+    directory = data_dir or default_data_dir()
+    state = broker_status(data_dir=directory)
     if state is None:
-        typer.echo("not running")
+        typer.echo(f"not running (no broker started with {directory})")
         raise typer.Exit(STATUS_NOT_RUNNING_EXIT_CODE)
     typer.echo(state.bootstrap_servers)
 

@@ -128,3 +128,17 @@ def test_compare_window_without_seq_len_fails_first(tmp_path):
         backtest_file(tmp_path / "net.pt", tmp_path / "in.jsonl", tmp_path / "out.jsonl", compare_window=True)
 
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_kafka_status_names_the_data_directory(tmp_path):
+    from typer.testing import CliRunner
+
+    from streamer.cli import app
+
+    result = CliRunner().invoke(app, ["kafka", "status", "--data-dir", str(tmp_path)])
+    stopped = CliRunner().invoke(app, ["kafka", "stop", "--data-dir", str(tmp_path)])
+
+    assert result.exit_code == 3
+    assert f"not running (no broker started with {tmp_path})" in result.output
+    assert stopped.exit_code == 0
+    assert f"not running (no broker started with {tmp_path})" in stopped.output

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 def _check_compare_window(model: RecurrentModel, compare_window: bool) -> None:
     """Reject ``compare_window`` for a model without ``seq_len`` before the first run starts."""
     if compare_window and not model.manifest.seq_len:
-        raise ConfigError("--compare-window needs seq_len: set it in the bundle manifest or pass --seq-len")
+        raise ConfigError("--compare-window needs seq_len, the training window length: pass --seq-len N (a plain "
+                          "state_dict carries none) or use a bundle whose manifest sets it")
 
 
 def window_output_path(output_path: Path) -> Path:

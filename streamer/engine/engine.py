@@ -37,7 +37,8 @@ class Engine:
         if semantics not in SEMANTICS:
             raise ConfigError(f"Invalid semantics {semantics!r}: expected one of {', '.join(SEMANTICS)}")
         if semantics == "window" and not model.manifest.seq_len:
-            raise ConfigError("Window semantics needs seq_len: set it in the bundle manifest or pass --seq-len")
+            raise ConfigError("Window semantics needs seq_len, the training window length: pass --seq-len N (a plain "
+                              "state_dict carries none) or use a bundle whose manifest sets it")
         if idle_expiry_ms is not None and idle_expiry_ms <= 0:
             raise ConfigError(f"Invalid idle expiry {idle_expiry_ms} ms: expected a positive number")
         self.model = model

@@ -182,6 +182,8 @@ def _check_matches(inferred: ModelManifest, manifest: ModelManifest) -> None:
 def read_model_file(path: str | Path) -> tuple[ModelManifest, dict[str, torch.Tensor]]:
     """Read a bundle or a plain ``state_dict`` file and return its manifest and canonical weights."""
     path = Path(path)
+    if path.is_dir():
+        raise ModelError(f"Invalid model file {path}: it is a directory; expected a state_dict or bundle file")
     if not path.is_file():
         raise ModelError(f"Model file not found: {path}")
     try:

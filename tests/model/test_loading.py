@@ -109,6 +109,8 @@ def test_bundle_manifest_must_match_weights(seed_net_factory, tmp_path):
 def test_missing_and_foreign_files(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         load_model(tmp_path / "absent.pt")
+    with pytest.raises(ModelError, match="it is a directory"):
+        load_model(tmp_path)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(ModelError, match="not a file written by torch.save") as raised:
