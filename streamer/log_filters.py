@@ -38,3 +38,17 @@ class RepeatFilter(logging.Filter):
             self._last.clear()
         self._last[key] = (now, 0)
         return True
+
+
+class CoordinatorLookupFilter(logging.Filter):
+    """Downgrade aiokafka's failed group-coordinator lookups from errors to warnings.
+
+    A broker that has just started answers them with GroupCoordinatorNotAvailable until its offsets topic is
+    ready, and aiokafka retries on its own, so the first join of a group logs one on every fresh broker.
+    Meant for the ``aiokafka.consumer.group_coordinator`` logger itself.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and "GroupCoordinatorNotAvailable" in record.getMessage():
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True

@@ -1,10 +1,10 @@
-"""The filter that thins out repeated Kafka client log lines."""
+"""The filters that thin out repeated Kafka client log lines and downgrade transient coordinator errors."""
 
 from __future__ import annotations
 
 import logging
 
-from streamer.log_filters import RepeatFilter
+from streamer.log_filters import CoordinatorLookupFilter, RepeatFilter
 
 
 def record(name: str, message: str, *args) -> logging.LogRecord:
@@ -37,3 +37,14 @@ def test_other_messages_and_loggers_pass():
     assert repeat.filter(record("aiokafkax", "same"))
     assert repeat.filter(record("aiokafkax", "same"))
     assert not repeat.filter(record("aiokafka.conn", "node %d", 1))
+
+
+def test_coordinator_lookup_becomes_warning(caplog):
+    logger = logging.getLogger("aiokafka.consumer.group_coordinator.test")
+    logger.addFilter(CoordinatorLookupFilter())
+
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.error("Group Coordinator Request failed: %s", "[Error 15] GroupCoordinatorNotAvailableError")
+        logger.error("Group Coordinator Request failed: %s", "[Error 29] TopicAuthorizationFailedError")
+
+    assert [record.levelname for record in caplog.records] == ["WARNING", "ERROR"]
