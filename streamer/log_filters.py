@@ -43,8 +43,8 @@ class RepeatFilter(logging.Filter):
 class CoordinatorLookupFilter(logging.Filter):
     """Downgrade aiokafka's failed group-coordinator lookups from errors to warnings.
 
-    A broker that has just started answers them with GroupCoordinatorNotAvailable until its offsets topic is
-    ready, and aiokafka retries on its own, so the first join of a group logs one on every fresh broker.
+    A broker that has just started responds to them with GroupCoordinatorNotAvailable until its offsets topic is
+    ready, and aiokafka retries on its own, so the first join of a group on a new broker usually logs one.
     Meant for the ``aiokafka.consumer.group_coordinator`` logger itself.
     """
 
