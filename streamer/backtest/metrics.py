@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from streamer.state.arena import NO_TIME
+
 ERROR_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 HISTOGRAM_BINS = 40
 
@@ -136,7 +138,9 @@ def to_scored_records(records: Iterable[Mapping] | pd.DataFrame | ScoredRecords)
         steps = entities.groupby(entities).cumcount()
     columns = {
         "entity": entities.to_numpy(),
-        "ts": frame["ts"].astype("int64").to_numpy(),
+        # An output without a timestamp (its event had none) gets NO_TIME: it counts in every metric but
+        # stays out of the time axis.
+        "ts": pd.to_numeric(frame["ts"]).fillna(NO_TIME).astype("int64").to_numpy(),
         "step": steps.to_numpy(dtype="int64"),
     }
     if "source" in frame.columns:
@@ -198,13 +202,18 @@ def _scored_values(scored: ScoredRecords) -> tuple[np.ndarray, np.ndarray, np.nd
     return rows, scored.errors[mask], scored.targets[mask]
 
 
+def known_ts(ts: pd.Series) -> pd.Series:
+    """Return ``ts`` as nullable integers, with NA where an output has no timestamp."""
+    return ts.where(ts != NO_TIME).astype("Int64")
+
+
 def per_entity_metrics(scored: ScoredRecords) -> pd.DataFrame:
     """Return one row per entity: entity, records, n, mae, rmse, mape_percent, bias, first_ts, last_ts.
 
     ``records`` counts all of the entity's records and ``n`` its scored values. Entities without a scored
     value have NaN metrics. Rows are sorted by entity.
     """
-    frame = scored.frame
+    frame = scored.frame.assign(ts=known_ts(scored.frame["ts"]))
     base = frame.groupby("entity", sort=True).agg(
         records=("ts", "size"), first_ts=("ts", "min"), last_ts=("ts", "max")
     )
@@ -233,6 +242,10 @@ def over_time_metrics(scored: ScoredRecords, max_buckets: int = 100) -> pd.DataF
     """
     columns = ["start_ts", "end_ts", "n", "mae", "rmse", "mape_percent", "bias"]
     rows, errors, targets = _scored_values(scored)
+    if len(rows) == 0:
+        return pd.DataFrame(columns=columns)
+    timed = scored.frame["ts"].to_numpy()[rows] != NO_TIME
+    rows, errors, targets = rows[timed], errors[timed], targets[timed]
     if len(rows) == 0:
         return pd.DataFrame(columns=columns)
     ts = scored.frame["ts"].to_numpy()[rows]

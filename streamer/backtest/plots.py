@@ -34,21 +34,24 @@ def _datetimes(ts: np.ndarray | pd.Series) -> pd.DatetimeIndex:
 
 
 def plot_entity(
-    path: Path, entity: str, ts: np.ndarray, predictions: np.ndarray, targets: np.ndarray, label: str
+    path: Path, entity: str, ts: np.ndarray | None, predictions: np.ndarray, targets: np.ndarray, label: str,
+    steps: np.ndarray | None = None,
 ) -> Path:
-    """Plot the first output's prediction and target of one entity over time.
+    """Plot the first output's prediction and target of one entity over time, or over ``steps`` without ``ts``.
 
     ``predictions`` and ``targets`` are 1-D arrays aligned with ``ts``; NaN targets are left out of the line.
     """
+    if ts is None and steps is None:
+        raise ValueError("Missing x axis for plot_entity: pass ts or steps")
     figure = _new_figure()
     axes = figure.add_subplot()
-    times = _datetimes(ts)
+    times = _datetimes(ts) if ts is not None else np.asarray(steps)
     axes.plot(times, predictions, label="prediction", color="tab:blue", linewidth=1.5)
     has_target = np.isfinite(targets)
     axes.plot(times[has_target], targets[has_target], label="target", color="tab:orange", linewidth=1.5,
               linestyle="--")
     axes.set_title(f"{entity} ({label})")
-    axes.set_xlabel("time (UTC)")
+    axes.set_xlabel("time (UTC)" if ts is not None else "step")
     axes.set_ylabel("value")
     axes.legend(loc="best")
     axes.grid(alpha=0.3)

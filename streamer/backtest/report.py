@@ -34,12 +34,14 @@ from streamer.backtest.metrics import (
     ScoredRecords,
     error_distribution,
     error_metrics,
+    known_ts,
     over_time_metrics,
     per_entity_metrics,
     to_scored_records,
     typical_entities,
     worst_entities,
 )
+from streamer.state.arena import NO_TIME
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def analyze(records: Records, *, title: str = "Backtest", time_buckets: int = 10
     per_entity = per_entity_metrics(scored)
     worst_table = worst_entities(per_entity, worst)
     typical_table = typical_entities(per_entity, typical, exclude=worst_table["entity"].head(typical))
-    ts = scored.frame["ts"]
+    ts = known_ts(scored.frame["ts"]).dropna()
     summary = {
         "title": title,
         "records": len(scored.frame),
@@ -127,16 +129,20 @@ def _entity_plots(analysis: Analysis, out_dir: Path, count: int) -> dict[str, tu
     for kind, table in groups:
         for rank, row in enumerate(table.itertuples(index=False), start=1):
             rows = np.flatnonzero(frame["entity"].to_numpy() == row.entity)
-            rows = rows[np.argsort(frame["ts"].to_numpy()[rows], kind="stable")]
+            ts = frame["ts"].to_numpy()[rows]
+            # Without timestamps the entity is drawn against its step.
+            timed = bool((ts != NO_TIME).all())
+            rows = rows[np.argsort(ts if timed else frame["step"].to_numpy()[rows], kind="stable")]
             caption = f"{kind} #{rank}, MAE {row.mae:.4g}"
             name = f"entity_{kind}_{rank}"
             path = plots.plot_entity(
                 out_dir / f"{name}.png",
                 str(row.entity),
-                frame["ts"].to_numpy()[rows],
+                frame["ts"].to_numpy()[rows] if timed else None,
                 analysis.scored.predictions[rows, 0],
                 analysis.scored.targets[rows, 0],
                 caption,
+                steps=frame["step"].to_numpy()[rows],
             )
             drawn[name] = (path, f"{row.entity}: {caption}")
     return drawn
@@ -146,7 +152,8 @@ def _write_divergence(result: Divergence, out_dir: Path, labels: tuple[str, str]
     jsonl = out_dir / "divergence.jsonl"
     with jsonl.open("wb") as handle:
         for entity, ts, step, abs_diff in result.records.itertuples(index=False):
-            row = {"entity": entity, "ts": int(ts), "step": int(step), "abs_diff": float(abs_diff)}
+            row = {"entity": entity, "ts": None if ts == NO_TIME else int(ts), "step": int(step),
+                   "abs_diff": float(abs_diff)}
             handle.write(orjson.dumps(row))
             handle.write(b"\n")
     by_step = out_dir / "divergence_by_step.csv"

@@ -343,3 +343,29 @@ def test_empty_records_report(tmp_path):
     summary = json.loads(paths.summary.read_text())
     assert summary["records"] == 0
     assert summary["metrics"]["mae"] is None
+
+
+def test_report_of_outputs_without_ts(tmp_path):
+    # Events without a timestamp give outputs with "ts": null; B has none at all, A one of two.
+    records = [
+        _record("A", None, 1, [1.0], 2.0, line=0),
+        _record("A", 5000, 2, [3.0], 3.0, line=1),
+        _record("B", None, 1, [2.0], 0.0, line=2),
+        _record("B", None, 2, [6.0], 4.0, line=3),
+    ]
+
+    paths = write_report(records, tmp_path, divergence_against=records)
+
+    summary = json.loads(paths.summary.read_text())
+    per_entity = pd.read_csv(paths.per_entity)
+    over_time = pd.read_csv(paths.over_time)
+    divergence_rows = [json.loads(line) for line in (tmp_path / "divergence.jsonl").read_text().splitlines()]
+    assert summary["scored_records"] == 4
+    assert summary["metrics"]["mae"] == pytest.approx(1.25)
+    assert summary["first_ts"] == 5000
+    assert summary["last_ts"] == 5000
+    assert per_entity.set_index("entity").loc["A", "first_ts"] == 5000
+    assert pd.isna(per_entity.set_index("entity").loc["B", "first_ts"])
+    assert over_time["n"].sum() == 1
+    assert [row["ts"] for row in divergence_rows] == [None, 5000, None, None]
+    assert paths.html.is_file()
