@@ -82,6 +82,9 @@ def backtest(
     from streamer.errors import ConfigError
 
     configure_logging()
+    if seq_len is not None and semantics == "stateful" and not compare_window:
+        logging.getLogger(__name__).warning("--seq-len %d has no effect: stateful semantics uses no window; pass "
+                                            "--semantics window or --compare-window to use it", seq_len)
     if topic:
         _backtest_topic(model=model, input=input, topics=topic, bootstrap_servers=bootstrap_servers, start=from_,
                         end=to, output=output, output_topic=output_topic,

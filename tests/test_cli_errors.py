@@ -142,3 +142,18 @@ def test_kafka_status_names_the_data_directory(tmp_path):
     assert f"not running (no broker started with {tmp_path})" in result.output
     assert stopped.exit_code == 0
     assert f"not running (no broker started with {tmp_path})" in stopped.output
+
+
+def test_unused_seq_len_is_reported(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"entity": "a", "features": [1.0, 2.0]}\n')
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    common = ["backtest", "--model", str(tmp_path / "net.pt"), "--input", str(tmp_path / "in.jsonl"),
+              "--output", str(tmp_path / "out.jsonl"), "--seq-len", "5"]
+
+    unused = streamer(*common)
+    used = streamer(*common, "--semantics", "window")
+
+    assert unused.returncode == 0, unused.stderr
+    assert "--seq-len 5 has no effect" in unused.stderr
+    assert used.returncode == 0, used.stderr
+    assert "has no effect" not in used.stderr
