@@ -22,13 +22,11 @@ import orjson
 import typer
 
 from streamer.backtest.report import format_summary, write_report
-from streamer.backtest.runner import backtest_file, window_output_path
+from streamer.backtest.runner import backtest_file
 from streamer.config import load_settings
 from streamer.data import load_fertility_events, write_events
-from streamer.io.files import read_outputs
 from streamer.kafka.local_broker import LocalKafka
 from streamer.kafka.service import StreamerService
-from streamer.model import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -68,50 +66,13 @@ def run_demo(work_dir: Path, epochs: int = 30) -> None:
     holdout = load_fertility_events("holdout")
     events_path = write_events(holdout, work_dir / "holdout.jsonl")
     # Step 2
-    result, paths = backtest_file(bundle, events_path, work_dir / "backtest" / "outputs.jsonl", compare_window=True,
+    _, paths = backtest_file(bundle, events_path, work_dir / "backtest" / "outputs.jsonl", compare_window=True,
                                   title="File backtest: fertility holdout (stateful vs window)")
     typer.echo("\nFile backtest (stateful, with a window run to compare)")
     typer.echo(format_summary(json.loads(paths.summary.read_text())))
-    seq_len = load_model(bundle).manifest.seq_len
-    window_path = window_output_path(result.output_path)
-    typer.echo(format_accuracy_by_step(
-        {"window": read_outputs(window_path), "stateful": read_outputs(result.output_path)}, seq_len))
     typer.echo(f"  report: {paths.html}")
     # Steps 3 and 4
     asyncio.run(_serve_through_kafka(bundle, holdout, work_dir))
-
-
-def format_accuracy_by_step(runs: dict[str, list[dict]], seq_len: int) -> str:
-    """Return the MAE of each semantics over all scored outputs, an entity's first ``seq_len - 1`` and the rest.
-
-    A model trained on windows of ``seq_len`` events from zero state is given partial windows at an entity's
-    first ``seq_len - 1`` events. Up to step ``seq_len`` both semantics compute the same outputs, because the
-    window still holds the entity's whole history. After it, window semantics repeats the training-time call
-    while stateful semantics carries the state past the trained length.
-    """
-    lines = [f"  MAE by semantics (the model was trained on windows of {seq_len} events from zero state):"]
-    for name, outputs in runs.items():
-        scored = [(output["step"], abs(output["prediction"][0] - _first(output["target"])))
-                  for output in outputs if output.get("target") is not None]
-        early = [error for step, error in scored if step < seq_len]
-        late = [error for step, error in scored if step >= seq_len]
-        parts = [f"all {_mean(error for _, error in scored)} ({len(scored)})",
-                 f"steps 1-{seq_len - 1} {_mean(early)} ({len(early)})",
-                 f"steps {seq_len}+ {_mean(late)} ({len(late)})"]
-        lines.append(f"    {name:<8} " + ", ".join(parts))
-    lines.append(f"  Steps 1-{seq_len - 1} have partial windows, steps {seq_len}+ full ones. Both semantics give the "
-                 f"same outputs up to step {seq_len}. From step {seq_len + 1} on, stateful carries state past the "
-                 f"{seq_len} events the model was trained on.")
-    return "\n".join(lines)
-
-
-def _first(value: float | list[float]) -> float:
-    return value[0] if isinstance(value, list) else value
-
-
-def _mean(values) -> str:
-    values = list(values)
-    return f"{sum(values) / len(values):.4f}" if values else "n/a"
 
 
 async def _serve_through_kafka(bundle: Path, events: list[dict], work_dir: Path) -> None:

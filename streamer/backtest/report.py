@@ -272,6 +272,8 @@ def format_summary(summary: Mapping) -> str:
     if metrics.get("mape_excluded"):
         accuracy += f" ({metrics['mape_excluded']} zero targets left out of MAPE)"
     lines.append(accuracy)
+    if run.get("accuracy_by_step"):
+        lines.append(format_accuracy_by_step(run["accuracy_by_step"]))
     diverged = summary.get("divergence")
     if diverged:
         labels = diverged.get("labels", ["stateful", "window"])
@@ -281,6 +283,50 @@ def format_summary(summary: Mapping) -> str:
             f"max |diff| {_format_number(diverged.get('max_abs_diff'))}"
         )
     return "\n".join(lines)
+
+
+def accuracy_by_step(runs: Mapping[str, Iterable[Mapping]], seq_len: int) -> dict:
+    """Return each semantics' MAE and count over all scored outputs, an entity's first ``seq_len - 1``, and the rest.
+
+    A model trained on windows of ``seq_len`` events from zero state is given partial windows at an entity's
+    first ``seq_len - 1`` events. Up to step ``seq_len`` both semantics compute the same outputs, because the
+    window still contains the entity's whole history. After it, window semantics repeats the training-time call
+    while stateful semantics carries the state past the trained length.
+    """
+    table: dict = {"seq_len": seq_len, "runs": {}}
+    for name, outputs in runs.items():
+        scored = [(output["step"], abs(output["prediction"][0] - _first(output["target"])))
+                  for output in outputs if output.get("target") is not None]
+        groups = {"all": [error for _, error in scored],
+                  "partial_windows": [error for step, error in scored if step < seq_len],
+                  "full_windows": [error for step, error in scored if step >= seq_len]}
+        table["runs"][name] = {group: {"mae": sum(errors) / len(errors) if errors else None, "n": len(errors)}
+                               for group, errors in groups.items()}
+    return table
+
+
+def format_accuracy_by_step(table: Mapping) -> str:
+    """Return the lines of :func:`accuracy_by_step`'s table for the console."""
+    seq_len = table["seq_len"]
+    labels = {"all": "all"}
+    note = ""
+    if seq_len == 2:
+        labels["partial_windows"], note = "step 1", "Step 1 has partial windows. "
+    elif seq_len > 2:
+        labels["partial_windows"], note = f"steps 1-{seq_len - 1}", f"Steps 1-{seq_len - 1} have partial windows. "
+    labels["full_windows"] = f"steps {seq_len}+"
+    lines = [f"  MAE by semantics (the model was trained on windows of {seq_len} events from zero state):"]
+    for name, groups in table["runs"].items():
+        parts = [f"{label} {_format_number(groups[group]['mae'], '.4f')} ({groups[group]['n']})"
+                 for group, label in labels.items()]
+        lines.append(f"    {name:<8} " + ", ".join(parts))
+    lines.append(f"  {note}Both semantics give the same outputs up to step {seq_len}. From step {seq_len + 1} on, "
+                 f"stateful carries state past the {seq_len} events the model was trained on.")
+    return "\n".join(lines)
+
+
+def _first(value: float | list[float]) -> float:
+    return value[0] if isinstance(value, list) else value
 
 
 # ---------------------------------------------------------------------------------------------------------

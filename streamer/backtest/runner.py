@@ -10,7 +10,7 @@ import orjson
 import typer
 
 from streamer.backtest.file_replay import BacktestResult, run_file_backtest
-from streamer.backtest.report import ReportPaths, format_summary, write_report
+from streamer.backtest.report import ReportPaths, accuracy_by_step, format_summary, write_report
 from streamer.backtest.topic_replay import TopicBacktestResult, TopicReplaySpec, parse_target, run_topic_backtest
 from streamer.errors import ConfigError
 from streamer.io.files import read_outputs
@@ -46,11 +46,14 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
         run_file_backtest(model, input_path, window_path, semantics="window", **options)
         window_records = read_outputs(window_path)
     report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
-    paths = write_report(read_outputs(output_path), report_dir,
-                         title=title or f"Backtest of {input_path.name} ({semantics})",
-                         divergence_against=window_records,
-                         extra_summary={**result.as_dict(), "events_per_second": result.events_per_s,
-                                        "semantics": semantics, "model": model.fingerprint})
+    records = read_outputs(output_path)
+    run_summary = {**result.as_dict(), "events_per_second": result.events_per_s, "semantics": semantics,
+                   "model": model.fingerprint}
+    if window_records is not None:
+        run_summary["accuracy_by_step"] = accuracy_by_step({"window": window_records, "stateful": records},
+                                                           model.manifest.seq_len)
+    paths = write_report(records, report_dir, title=title or f"Backtest of {input_path.name} ({semantics})",
+                         divergence_against=window_records, extra_summary=run_summary)
     return result, paths
 
 

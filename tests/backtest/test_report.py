@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from streamer.backtest import divergence, format_summary, write_report
+from streamer.backtest.report import accuracy_by_step, format_accuracy_by_step
 from streamer.backtest.divergence import step_buckets
 from streamer.backtest.metrics import (
     error_metrics,
@@ -346,7 +347,7 @@ def test_empty_records_report(tmp_path):
 
 
 def test_report_of_outputs_without_ts(tmp_path):
-    # Events without a timestamp give outputs with "ts": null; B has none at all, A one of two.
+    # Events without a timestamp give outputs with "ts": null. B has none at all, A one of two.
     records = [
         _record("A", None, 1, [1.0], 2.0, line=0),
         _record("A", 5000, 2, [3.0], 3.0, line=1),
@@ -369,3 +370,47 @@ def test_report_of_outputs_without_ts(tmp_path):
     assert over_time["n"].sum() == 1
     assert [row["ts"] for row in divergence_rows] == [None, 5000, None, None]
     assert paths.html.is_file()
+
+
+def _output(step: int, prediction: float, target: float | None) -> dict:
+    return {"entity": "a", "step": step, "prediction": [prediction], "target": target}
+
+
+def test_accuracy_split_at_window_length():
+    window = [_output(1, 1.0, 2.0), _output(2, 1.0, 1.5), _output(3, 1.0, 1.1), _output(4, 1.0, None)]
+    stateful = [_output(1, 1.0, 2.0), _output(2, 1.0, 1.5), _output(3, 1.0, 1.3), _output(4, 1.0, None)]
+
+    table = accuracy_by_step({"window": window, "stateful": stateful}, seq_len=3)
+    text = format_accuracy_by_step(table)
+
+    assert table["runs"]["window"]["full_windows"] == {"mae": pytest.approx(0.1), "n": 1}
+    assert table["runs"]["stateful"]["partial_windows"] == {"mae": pytest.approx(0.75), "n": 2}
+    assert "windows of 3 events" in text
+    assert "window   all 0.5333 (3), steps 1-2 0.7500 (2), steps 3+ 0.1000 (1)" in text
+    assert "stateful all 0.6000 (3), steps 1-2 0.7500 (2), steps 3+ 0.3000 (1)" in text
+    assert "same outputs up to step 3. From step 4 on" in text
+
+
+def test_accuracy_without_targets_is_not_available():
+    table = accuracy_by_step({"window": [_output(1, 1.0, None)]}, seq_len=2)
+
+    assert table["runs"]["window"]["all"] == {"mae": None, "n": 0}
+    assert "all n/a (0)" in format_accuracy_by_step(table)
+
+
+@pytest.mark.parametrize(("seq_len", "expected"), [
+    (1, "window   all 1.0000 (2), steps 1+ 1.0000 (2)\n  Both semantics give the same outputs up to step 1."),
+    (2, "window   all 1.0000 (2), step 1 1.0000 (1), steps 2+ 1.0000 (1)\n  Step 1 has partial windows."),
+])
+def test_accuracy_labels_for_short_windows(seq_len, expected):
+    table = accuracy_by_step({"window": [_output(1, 1.0, 2.0), _output(2, 1.0, 2.0)]}, seq_len=seq_len)
+
+    assert expected in format_accuracy_by_step(table)
+
+
+def test_summary_prints_accuracy_by_step():
+    table = accuracy_by_step({"window": [_output(1, 1.0, 2.0)]}, seq_len=2)
+    summary = {"records": 1, "entities": 1, "scored_records": 1, "metrics": {"mae": 1.0, "rmse": 1.0},
+               "run": {"accuracy_by_step": table}}
+
+    assert "MAE by semantics" in format_summary(summary)
