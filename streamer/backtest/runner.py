@@ -113,12 +113,15 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
     else:
         records = [orjson.loads(value) for value in result.output_values or ()]
     topics = ", ".join(spec.topics)
+    run_summary = {**result.as_dict(), "events_per_second": result.events_per_s, "model": model.fingerprint,
+                   "target": target, "initial_state": initial_state, "from": spec.start.describe(),
+                   "to": spec.end.describe()}
+    # Steps count from an entity's first event only when the replay starts from empty state.
+    if window_records is not None and initial_state == "empty":
+        run_summary["accuracy_by_step"] = accuracy_by_step({"window": window_records, "stateful": records},
+                                                           model.manifest.seq_len)
     paths = write_report(records, report_dir, title=title or f"Backtest of topic {topics} ({semantics})",
-                         divergence_against=window_records,
-                         extra_summary={**result.as_dict(), "events_per_second": result.events_per_s,
-                                        "model": model.fingerprint, "target": target,
-                                        "initial_state": initial_state, "from": spec.start.describe(),
-                                        "to": spec.end.describe()})
+                         divergence_against=window_records, extra_summary=run_summary)
     return result, paths
 
 

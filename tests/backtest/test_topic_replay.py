@@ -305,6 +305,14 @@ def test_cli_topic_backtest_with_window_report(kafka_bootstrap, events_topic, mo
     assert summary["divergence"]["matched"] == 600
     assert summary["scored_records"] == 600 - 25 - 1  # each entity's last event, and the event before a reset
     assert (tmp_path / "out.window.jsonl").is_file()
+    table = summary["run"]["accuracy_by_step"]
+    stateful, window = table["runs"]["stateful"], table["runs"]["window"]
+    assert table["seq_len"] == 5
+    assert stateful["all"]["n"] == window["all"]["n"] == summary["scored_records"]
+    assert stateful["partial_windows"]["n"] + stateful["full_windows"]["n"] == stateful["all"]["n"]
+    # Both semantics compute the same outputs while the window contains an entity's whole history.
+    assert stateful["partial_windows"]["mae"] == pytest.approx(window["partial_windows"]["mae"], abs=1e-5)
+    assert "MAE by semantics" in completed.stdout
 
 
 def test_cli_rejects_output_topic_equal_to_input(kafka_bootstrap, events_topic, model_path):
