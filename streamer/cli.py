@@ -272,9 +272,7 @@ def kafka_start(data_dir: Optional[Path] = typer.Option(None, help="Broker data 
 @kafka_app.command("stop")
 def kafka_stop(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory.")) -> None:
     """Stop the local broker started with `streamer kafka start`."""
-    from streamer.kafka.local_broker import stop_detached
-
-    from streamer.kafka.local_broker import default_data_dir
+    from streamer.kafka.local_broker import default_data_dir, stop_detached
 
     configure_logging()
     directory = data_dir or default_data_dir()
@@ -319,7 +317,7 @@ def kafka_consume(
     from_beginning: bool = typer.Option(False, "--from-beginning",
                                         help="Start at the earliest record instead of the next new one."),
     max_messages: Optional[int] = typer.Option(None, min=1, help="Exit after this many records."),
-    timeout_ms: Optional[int] = typer.Option(None, min=1, help="Exit when no record arrives for this long."),
+    timeout_ms: Optional[int] = typer.Option(None, min=1, help="Exit when no record arrives for this many ms."),
     print_key: bool = typer.Option(False, "--print-key", help="Print each record's key before its value."),
     print_headers: bool = typer.Option(False, "--print-headers",
                                        help="Print each record's headers first as name:value pairs joined by "

@@ -67,7 +67,7 @@ def run_demo(work_dir: Path, epochs: int = 30) -> None:
     events_path = write_events(holdout, work_dir / "holdout.jsonl")
     # Step 2
     _, paths = backtest_file(bundle, events_path, work_dir / "backtest" / "outputs.jsonl", compare_window=True,
-                                  title="File backtest: fertility holdout (stateful vs window)")
+                             title="File backtest: fertility holdout (stateful vs window)")
     typer.echo("\nFile backtest (stateful, with a window run to compare)")
     typer.echo(format_summary(json.loads(paths.summary.read_text())))
     typer.echo(f"  report: {paths.html}")

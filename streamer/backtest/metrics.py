@@ -242,8 +242,6 @@ def over_time_metrics(scored: ScoredRecords, max_buckets: int = 100) -> pd.DataF
     """
     columns = ["start_ts", "end_ts", "n", "mae", "rmse", "mape_percent", "bias"]
     rows, errors, targets = _scored_values(scored)
-    if len(rows) == 0:
-        return pd.DataFrame(columns=columns)
     timed = scored.frame["ts"].to_numpy()[rows] != NO_TIME
     rows, errors, targets = rows[timed], errors[timed], targets[timed]
     if len(rows) == 0:

@@ -45,10 +45,10 @@ def plot_entity(
         raise ValueError("Missing x axis for plot_entity: pass ts or steps")
     figure = _new_figure()
     axes = figure.add_subplot()
-    times = _datetimes(ts) if ts is not None else np.asarray(steps)
-    axes.plot(times, predictions, label="prediction", color="tab:blue", linewidth=1.5)
+    positions = _datetimes(ts) if ts is not None else np.asarray(steps)
+    axes.plot(positions, predictions, label="prediction", color="tab:blue", linewidth=1.5)
     has_target = np.isfinite(targets)
-    axes.plot(times[has_target], targets[has_target], label="target", color="tab:orange", linewidth=1.5,
+    axes.plot(positions[has_target], targets[has_target], label="target", color="tab:orange", linewidth=1.5,
               linestyle="--")
     axes.set_title(f"{entity} ({label})")
     axes.set_xlabel("time (UTC)" if ts is not None else "step")
