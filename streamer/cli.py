@@ -323,6 +323,9 @@ def kafka_consume(
                                        help="Print each record's headers first as name:value pairs joined by "
                                        "commas (dead letters carry their reason in them). Values are printed as "
                                        "they are, so a value can itself contain commas and colons."),
+    isolation_level: str = typer.Option("read_committed", help="read_committed skips the records of aborted "
+                                        "transactions, which an exactly-once service leaves behind when it fails; "
+                                        "read_uncommitted prints them too."),
 ) -> None:
     """Print a topic's records, one per line, without joining a consumer group (Ctrl-C stops)."""
     import asyncio
@@ -334,7 +337,7 @@ def kafka_consume(
     try:
         asyncio.run(print_topic(topic, bootstrap_servers, from_beginning=from_beginning, max_messages=max_messages,
                                 timeout_ms=timeout_ms, with_key=print_key, with_headers=print_headers,
-                                write=typer.echo))
+                                write=typer.echo, isolation_level=isolation_level))
     except KeyboardInterrupt:
         pass
 

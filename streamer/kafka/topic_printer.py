@@ -12,6 +12,7 @@ from streamer.errors import BrokerError, ConfigError
 from streamer.kafka.admin import list_topics
 
 KNOWN_TOPICS_LISTED = 10  # topic names a "not found" error lists
+ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 
 
 def format_record(key: bytes | None, value: bytes | None, headers, *, with_key: bool, with_headers: bool) -> str:
@@ -33,12 +34,16 @@ def _text(data: bytes | None) -> str:
 async def print_topic(topic: str, bootstrap_servers: str, *, from_beginning: bool = False,
                       max_messages: int | None = None, timeout_ms: int | None = None, with_key: bool = False,
                       with_headers: bool = False, write: Callable[[str], None] = print,
-                      request_timeout_ms: int = 30_000) -> int:
+                      request_timeout_ms: int = 30_000, isolation_level: str = "read_committed") -> int:
     """Write each record of every partition of ``topic`` as one line and return how many were written.
 
     Reads without a consumer group, so no offsets are committed. Stops after ``max_messages`` records or
-    when no record arrived for ``timeout_ms``, and otherwise runs until cancelled.
+    when no record arrived for ``timeout_ms``, and otherwise runs until cancelled. With the default
+    ``read_committed`` isolation, records of open or aborted transactions (the outputs an exactly-once
+    service wrote before it failed) are not printed.
     """
+    if isolation_level not in ISOLATION_LEVELS:
+        raise ConfigError(f"Invalid isolation level {isolation_level!r}: expected one of {', '.join(ISOLATION_LEVELS)}")
     try:
         topics = await list_topics(bootstrap_servers, request_timeout_ms)
     except KafkaError as error:
@@ -52,7 +57,7 @@ async def print_topic(topic: str, bootstrap_servers: str, *, from_beginning: boo
         raise ConfigError(f"Topic not found: {topic} (topics on {bootstrap_servers}: {known})")
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap_servers, group_id=None, enable_auto_commit=False,
                                 auto_offset_reset="earliest" if from_beginning else "latest",
-                                request_timeout_ms=request_timeout_ms)
+                                request_timeout_ms=request_timeout_ms, isolation_level=isolation_level)
     await consumer.start()
     written = 0
     try:

@@ -6,7 +6,7 @@ import asyncio
 import uuid
 
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from typer.testing import CliRunner
 
 from streamer.cli import app
@@ -118,6 +118,45 @@ def test_cli_consume_stops_after_timeout(kafka_bootstrap, tmp_path):
 
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [LINES[0].decode()]
+
+
+def test_cli_consume_skips_aborted_transactions(kafka_bootstrap, unique_topic):
+    topic = unique_topic
+
+    async def write_transactions() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, transactional_id=f"t-{topic}")
+        await producer.start()
+        try:
+            for value, commit in ((b"committed-1", True), (b"aborted", False), (b"committed-2", True)):
+                await producer.begin_transaction()
+                await producer.send_and_wait(topic, value, partition=0)
+                if commit:
+                    await producer.commit_transaction()
+                else:
+                    await producer.abort_transaction()
+        finally:
+            await producer.stop()
+
+    asyncio.run(write_transactions())
+    runner = CliRunner()
+    command = ["kafka", "consume", topic, "--bootstrap-servers", kafka_bootstrap, "--from-beginning",
+               "--timeout-ms", "1500"]
+
+    committed = runner.invoke(app, command)
+    uncommitted = runner.invoke(app, command + ["--isolation-level", "read_uncommitted"])
+
+    assert committed.exit_code == 0, committed.output
+    assert committed.output.splitlines() == ["committed-1", "committed-2"]
+    assert uncommitted.exit_code == 0, uncommitted.output
+    assert uncommitted.output.splitlines() == ["committed-1", "aborted", "committed-2"]
+
+
+def test_cli_consume_invalid_isolation_level(kafka_bootstrap):
+    result = CliRunner().invoke(app, ["kafka", "consume", "any-topic", "--bootstrap-servers", kafka_bootstrap,
+                                      "--isolation-level", "dirty"])
+
+    assert isinstance(result.exception, ConfigError)
+    assert "Invalid isolation level 'dirty'" in str(result.exception)
 
 
 def test_cli_consume_unknown_topic(kafka_bootstrap):
