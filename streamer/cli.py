@@ -167,7 +167,12 @@ def run(
     dead_letter_topic: Optional[str] = _flag(None, "dead_letter_topic", "Dead-letter topic."),
     group_id: Optional[str] = _flag(None, "group_id", "Consumer group id."),
     group_instance_id: Optional[str] = _flag(None, "group_instance_id", "Static membership id (group.instance.id)."),
+    session_timeout_ms: Optional[int] = _flag(None, "session_timeout_ms", "Time without heartbeats after which "
+                                              "the group reassigns this member's partitions, in ms. A static member "
+                                              "(--group-instance-id) that stops keeps them this long."),
     topic_partitions: Optional[int] = _flag(None, "topic_partitions", "Partitions of topics created when missing."),
+    replication_factor: Optional[int] = _flag(None, "replication_factor", "Replication factor of topics created "
+                                              "when missing, the changelog included."),
     max_batch_events: Optional[int] = _flag(None, "max_batch_events", "Events fetched per batch at most."),
     fetch_max_wait_ms: Optional[int] = _flag(None, "fetch_max_wait_ms", "Longest wait for a batch to fill, in ms."),
     fetch_min_bytes: Optional[int] = _flag(None, "fetch_min_bytes", "Bytes a fetch waits for (fetch.min.bytes)."),
@@ -176,6 +181,10 @@ def run(
     shutdown_timeout_s: Optional[float] = _flag(None, "shutdown_timeout_s", "Deadline for a clean stop, in s."),
     max_entities: Optional[int] = _flag(None, "max_entities", "State capacity; LRU entities are evicted."),
     idle_expiry_ms: Optional[int] = _flag(None, "idle_expiry_ms", "Expire entities idle this long in event time."),
+    entity_field: Optional[str] = _flag(None, "entity_field", "Event field with the entity id, read when a record "
+                                        "has no key."),
+    max_record_bytes: Optional[int] = _flag(None, "max_record_bytes", "Larger records are dead-lettered "
+                                            "(record_too_large)."),
     torch_threads: Optional[int] = _flag(None, "torch_threads", "torch intra-op threads."),
     device: Optional[str] = _flag(None, "device", "torch device for the model and state arena: cpu, cuda, cuda:1."),
     guarantee: Optional[str] = _flag(None, "guarantee", "at-least-once or exactly-once."),
@@ -258,8 +267,12 @@ def generate(
     typer.echo(f"wrote {count} events to {output}")
 
 
+DATA_DIR_HELP = ("Broker data directory: topics, records and committed offsets are kept there between runs "
+                 "(default: $STREAMER_KAFKA_DATA, else ~/.cache/streamer/kafka-data/default).")
+
+
 @kafka_app.command("start")
-def kafka_start(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory."),
+def kafka_start(data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP),
                 port: Optional[int] = typer.Option(None, min=1, max=65535,
                                                    help="Listener port (default: a free one).")) -> None:
     """Start a detached local broker and print its bootstrap address."""
@@ -270,7 +283,7 @@ def kafka_start(data_dir: Optional[Path] = typer.Option(None, help="Broker data 
 
 
 @kafka_app.command("stop")
-def kafka_stop(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory.")) -> None:
+def kafka_stop(data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP)) -> None:
     """Stop the local broker started with `streamer kafka start`."""
     from streamer.kafka.local_broker import default_data_dir, stop_detached
 
@@ -353,7 +366,7 @@ def _local_bootstrap_servers() -> str:
 
 
 @kafka_app.command("status")
-def kafka_status(data_dir: Optional[Path] = typer.Option(None, help="Broker data directory.")) -> None:
+def kafka_status(data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP)) -> None:
     """Print the local broker's address, or exit with 3 when it is not running."""
     from streamer.kafka.local_broker import STATUS_NOT_RUNNING_EXIT_CODE, broker_status, default_data_dir
 

@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     dead_letter_topic: str = Field("events-dead-letter", description="dead-letter topic")
     group_id: str = Field("streamer", description="consumer group id")
     group_instance_id: str | None = Field(None, description="static membership id (group.instance.id)")
+    session_timeout_ms: int = Field(10_000, ge=1, description="time without heartbeats after which the group "
+                                    "reassigns a member's partitions (session.timeout.ms)")
     topic_partitions: int = Field(4, ge=1, description="partitions of topics created when missing")
     replication_factor: int = Field(1, ge=1, description="replication factor of topics created when missing")
     max_batch_events: int = Field(4096, ge=1, description="events fetched per batch at most")
@@ -99,7 +101,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
                                        file_secret_settings):
             sources = [init_settings, env_settings]
             if config_file is not None:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+                sources.append(_TomlSettings(settings_cls, toml_file=Path(config_file)))
             return tuple(sources)
 
     try:
@@ -107,9 +109,20 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"Invalid settings file {config_file}: {error}") from None
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc'])} ({env_var(str(item['loc'][0]))}): {item['msg']}"
-            for item in error.errors()
-        )
-        raise ConfigError(f"Invalid settings: {problems}") from None
+        raise ConfigError(f"Invalid settings: {'; '.join(map(_describe_problem, error.errors()))}") from None
     return Settings.model_construct(**loaded.model_dump())
+
+
+class _TomlSettings(TomlConfigSettingsSource):
+    """A TOML settings file whose top-level keys may also be written with hyphens, as the flags are."""
+
+    def _read_file(self, file_path) -> dict[str, Any]:
+        return {str(key).replace("-", "_"): value for key, value in super()._read_file(file_path).items()}
+
+
+def _describe_problem(item: dict[str, Any]) -> str:
+    name = str(item["loc"][0])
+    if item["type"] == "extra_forbidden":
+        return f"unknown setting {name!r} (valid names are those of `streamer run --help`, without the leading --)"
+    location = ".".join(str(part) for part in item["loc"])
+    return f"{location} ({env_var(name)}): {item['msg']}"

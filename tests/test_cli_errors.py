@@ -27,6 +27,25 @@ def test_settings_file_syntax_error(tmp_path):
         load_settings(tmp_path / "bad.toml")
 
 
+def test_settings_file_keys_with_hyphens(tmp_path):
+    (tmp_path / "service.toml").write_text('output-topic = "out"\ngroup_id = "g"\n')
+
+    settings = load_settings(tmp_path / "service.toml")
+
+    assert settings.output_topic == "out"
+    assert settings.group_id == "g"
+
+
+def test_settings_file_unknown_key(tmp_path):
+    (tmp_path / "service.toml").write_text('output_topik = "out"\n')
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(tmp_path / "service.toml")
+
+    assert "unknown setting 'output_topik'" in str(raised.value)
+    assert "STREAMER_" not in str(raised.value)
+
+
 def test_unknown_log_level(monkeypatch):
     monkeypatch.setenv("STREAMER_LOG_LEVEL", "LOUD")
 

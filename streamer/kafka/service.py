@@ -41,6 +41,7 @@ LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled f
 TRANSACTION_TIMEOUT_MS = 15_000
 MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
 LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often
+DEFAULT_HEARTBEAT_INTERVAL_MS = 3000  # the Kafka consumer's default; shorter sessions get a third of theirs
 
 
 @dataclass
@@ -116,6 +117,10 @@ class StreamerService:
         self._output_partitioner: KeyPartitioner | None = None
         self._dead_letter_partitioner: KeyPartitioner | None = None
         self._transactional_id = f"{settings.group_id}-{settings.group_instance_id or uuid.uuid4().hex[:12]}"
+        if self.exactly_once and settings.group_instance_id is None:
+            logger.warning("Exactly-once without a group instance id: the transactional id %s is new on every "
+                           "start, so a restarted member cannot fence its predecessor. Set --group-instance-id "
+                           "(STREAMER_GROUP_INSTANCE_ID) to a stable name per member", self._transactional_id)
         self.events_processed = 0
         self._rejoin_reason: str | None = None
         self._fatal_error: StateError | None = None
@@ -227,6 +232,8 @@ class StreamerService:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
+            session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=min(DEFAULT_HEARTBEAT_INTERVAL_MS, settings.session_timeout_ms // 3),
             auto_offset_reset="earliest", max_poll_records=settings.max_batch_events,
             fetch_max_wait_ms=settings.fetch_max_wait_ms, fetch_min_bytes=settings.fetch_min_bytes,
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
@@ -433,6 +440,10 @@ class StreamerService:
             return
         for kind, count in result.anomalies.items():
             self.metrics.restore_anomalies.labels(kind=kind).inc(count)
+        mismatched = result.anomalies.get("model_mismatch", 0)
+        if mismatched:
+            logger.warning("Discarded the state of %d entities of %s made by another model (--model-mismatch "
+                           "reset); they start from zero state", mismatched, tp)
         self.metrics.restored_records.inc(result.records)
         self.metrics.restore_duration_seconds.observe(result.duration_s)
         self.metrics.state_entities.set(len(self.engine.arena))
@@ -441,8 +452,8 @@ class StreamerService:
             if tp in self._assignment:
                 self.consumer.resume(tp)
         self.metrics.restore_partitions_in_progress.set(len(self._restores))
-        logger.info("Restored %s: %d entities from %d records in %.2f s", tp, result.entities, result.records,
-                    result.duration_s)
+        logger.info("Restored %s: %d entities, %d changelog records read in %.2f s", tp, result.entities,
+                    result.records, result.duration_s)
 
     async def _load_snapshot(self, partition: int) -> int | None:
         """Load the partition's snapshot into the arena; return the changelog offset to continue from."""

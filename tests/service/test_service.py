@@ -15,9 +15,11 @@ import pytest
 import torch
 
 from streamer.backtest.file_replay import run_file_backtest
+from streamer.config import Settings
 from streamer.io.files import read_outputs
 from streamer.io.outputs import HEADER_REASON, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC
 from streamer.kafka.console_tools import console_consume, console_produce
+from streamer.kafka.service import StreamerService
 from streamer.model import SeedNet, load_model
 from tests.conftest import CASES_DIR
 from tests.service.service_helpers import ServiceProcess, committed_offsets, create_topics, produce, read_topic
@@ -184,3 +186,26 @@ def test_broker_restart_while_running(kafka_broker, kafka_bootstrap, model_path,
     sources = {(orjson.loads(r.value)["source"]["partition"], orjson.loads(r.value)["source"]["offset"])
                for r in outputs}
     assert len(sources) == 400
+
+
+def test_session_timeout_reaches_consumer(kafka_bootstrap, tmp_path):
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    settings = Settings(model=tmp_path / "net.pt", bootstrap_servers=kafka_bootstrap, metrics_port=0,
+                        session_timeout_ms=6000, **names("session"))
+
+    async def scenario() -> tuple[int, int]:
+        service = StreamerService(settings)
+        task = asyncio.create_task(service.run())
+        deadline = time.monotonic() + 30
+        while service.consumer is None and not task.done() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        consumer = service.consumer
+        service.request_stop()
+        await asyncio.wait_for(task, 30)
+        assert consumer is not None, "the service created no consumer within 30 s"
+        return consumer._session_timeout_ms, consumer._heartbeat_interval_ms
+
+    session_ms, heartbeat_ms = asyncio.run(scenario())
+
+    assert session_ms == 6000
+    assert heartbeat_ms == 2000

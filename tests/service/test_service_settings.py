@@ -41,3 +41,18 @@ def test_valid_settings_accepted(model_path, tmp_path):
     service = StreamerService(Settings(model=model_path, metrics_port=0, snapshot_dir=tmp_path / "snapshots"))
 
     assert service.model.manifest.input_size == 2
+
+
+def test_exactly_once_without_instance_id_warns(model_path, caplog):
+    with caplog.at_level("WARNING", logger="streamer.kafka.service"):
+        StreamerService(Settings(model=model_path, metrics_port=0, guarantee="exactly-once"))
+
+    assert "cannot fence its predecessor" in caplog.text
+
+
+def test_exactly_once_with_instance_id_quiet(model_path, caplog):
+    with caplog.at_level("WARNING", logger="streamer.kafka.service"):
+        StreamerService(Settings(model=model_path, metrics_port=0, guarantee="exactly-once",
+                                 group_instance_id="member-0"))
+
+    assert "cannot fence" not in caplog.text
