@@ -48,7 +48,8 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
     of an entity replaces an earlier one and a tombstone removes it. Records that cannot be decoded are
     skipped and counted (``invalid_record``). A record of another model is skipped and counted
     (``model_mismatch``) under the ``reset`` policy and raises ``StateError`` under ``fail``.
-    ``start_offset`` (from a snapshot) skips the records the snapshot already covers.
+    ``start_offset`` (from a snapshot) skips the records the snapshot already covers. ``entities`` in the
+    result counts every entity of the partition in ``arena`` afterwards, those of the snapshot included.
     """
     result = RestoreResult(partition)
     started = time.monotonic()
@@ -69,6 +70,8 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
         await _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started)
     finally:
         await consumer.stop()
+    # Counted from the arena, so that entities loaded from a snapshot before the read are included.
+    result.entities = len(arena.occupied_slots(partition))
     result.duration_s = time.monotonic() - started
     return result
 

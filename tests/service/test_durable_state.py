@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 import uuid
@@ -219,6 +220,7 @@ def test_model_mismatch_policies(kafka_bootstrap, model_path, tmp_path):
     finally:
         assert resetting.stop() == 0, resetting.log()
     assert mismatches == ENTITIES
+    assert "made by another model (--model-mismatch reset)" in resetting.log()
     outputs = [orjson.loads(r.value) for r in asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 200))]
     later = [o for o in outputs if o["model"] == load_model(other_model).fingerprint]
     first_steps = {}
@@ -256,6 +258,9 @@ def test_snapshot_then_changelog_tail(kafka_bootstrap, model_path, tmp_path):
     finally:
         assert second.stop() == 0, second.log()
     assert "Loaded the snapshot" in log
+    restored = [int(count) for count in re.findall(r"Restored TopicPartition\(.*?\): (\d+) entities", log)]
+    assert len(restored) == PARTITIONS
+    assert sum(restored) == ENTITIES  # snapshot entities are counted even when no changelog record follows
     check_outputs_match_offline(records, events, positions_all, reference, exactly_once=False)
 
 
