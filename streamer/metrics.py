@@ -34,6 +34,8 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from streamer import errors
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -79,6 +81,11 @@ RESTORE_DURATION_BUCKETS: tuple[float, ...] = (
 
 BUILD_INFO_MODES = ("service", "replay")
 SEMANTICS = ("stateful", "window")
+# Label values known in advance. Their series are exported at zero from the start, so that rate() and alerts
+# see a value before the first occurrence.
+BROKER_OPERATIONS = ("producer start", "consumer start", "create topics", "produce outputs")
+RESTORE_ANOMALY_KINDS = ("invalid_record", "model_mismatch", "incomplete_read", "offsets_not_retained",
+                         "rebalance_during_restore")
 
 # A health callable returns (healthy, detail). The detail is the response body when unhealthy.
 HealthCheck = Callable[[], tuple[bool, str]]
@@ -194,6 +201,12 @@ class StreamerMetrics:
         self._create_consumer_metrics(registry)
         self._create_checkpoint_metrics(registry)
         self._create_restore_metrics(registry)
+        for reason in errors.INVALID_EVENT_REASONS:
+            self.events_dead_lettered.labels(reason=reason)
+        for operation in BROKER_OPERATIONS:
+            self.broker_retries.labels(operation=operation)
+        for kind in RESTORE_ANOMALY_KINDS:
+            self.restore_anomalies.labels(kind=kind)
 
         self.build_info = Gauge(
             "streamer_build_info",
@@ -359,8 +372,8 @@ class StreamerMetrics:
         )
         self.restore_anomalies = Counter(
             "streamer_restore_anomalies_total",
-            "Defined faults met while restoring or assigning partitions, by kind: invalid_record, "
-            "model_mismatch, incomplete_read, offsets_not_retained, rebalance_during_restore.",
+            f"Defined faults met while restoring or assigning partitions, by kind: "
+            f"{', '.join(RESTORE_ANOMALY_KINDS)}.",
             ["kind"],
             registry=registry,
         )

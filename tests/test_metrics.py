@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
 import socket
 import subprocess
 import threading
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamer.metrics import END_TO_END_LATENCY_BUCKETS, MetricsServer, StreamerMetrics
+import streamer.kafka.service
+from streamer.errors import INVALID_EVENT_REASONS
+from streamer.metrics import (BROKER_OPERATIONS, END_TO_END_LATENCY_BUCKETS, RESTORE_ANOMALY_KINDS, MetricsServer,
+                              StreamerMetrics)
 
 # Exposed family name (counters without "_total"), type, label names.
 EXPECTED_METRICS = {
@@ -146,11 +151,32 @@ def test_metric_labels(metrics):
 
 
 def test_unexercised_metrics_described(metrics):
-    # Labelled metrics have no series before their first use, but every name is registered.
+    # Metrics labelled by topic or partition have no series before their first use, but every name is registered.
     families = {family.name: family.type for family in metrics.registry.collect()}
 
     for name, (metric_type, _) in EXPECTED_METRICS.items():
         assert families.get(name) == metric_type, f"{name} is not registered as a {metric_type}"
+
+
+@pytest.mark.parametrize("family, label, values", [
+    ("streamer_events_dead_lettered", "reason", INVALID_EVENT_REASONS),
+    ("streamer_broker_retries", "operation", BROKER_OPERATIONS),
+    ("streamer_restore_anomalies", "kind", RESTORE_ANOMALY_KINDS),
+])
+def test_known_label_values_start_at_zero(metrics, family, label, values):
+    samples = families_by_name(metrics.registry)[family].samples
+    totals = {sample.labels[label]: sample.value for sample in samples if sample.name.endswith("_total")}
+
+    assert totals == {value: 0.0 for value in values}
+
+
+def test_retried_operations_are_known():
+    # Every operation name the service passes to retry() has a series from the start.
+    source = (Path(streamer.kafka.service.__file__)).read_text()
+    operations = set(re.findall(r'retry\("([^"]+)"', source))
+
+    assert operations
+    assert operations <= set(BROKER_OPERATIONS)
 
 
 def test_counter_names_end_in_total(metrics):
