@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 
 import yaml
@@ -65,3 +67,21 @@ def test_lag_alerts_select_service_mode():
     # Replay jobs report mode="replay" in streamer_build_info and must not fire lag alerts.
     for alert in ("ConsumerLagHighAndGrowing", "NotConsumingWhileLagging"):
         assert 'mode="service"' in alert_rules()[alert], alert
+
+
+def test_local_prometheus_recipe(tmp_path):
+    # deploy/README.md shows how to run Prometheus on the host: copy the rules and targets, rewrite the
+    # scrape target with sed, start Prometheus. The same sed expression must give a valid configuration.
+    readme = (PROMETHEUS_DIR.parent / "README.md").read_text(encoding="utf-8")
+    expression = re.search(r"^sed '([^']+)' deploy/prometheus/prometheus.yml", readme, re.MULTILINE).group(1)
+    for folder in ("rules", "targets"):
+        shutil.copytree(PROMETHEUS_DIR / folder, tmp_path / folder)
+    rewritten = subprocess.run(["sed", expression, str(PROMETHEUS_DIR / "prometheus.yml")], capture_output=True,
+                               text=True, check=True).stdout
+    (tmp_path / "prometheus.yml").write_text(rewritten, encoding="utf-8")
+
+    result = run_promtool("check", "config", "prometheus.yml", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    targets = yaml.safe_load(rewritten)["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == ["127.0.0.1:9400"]
