@@ -61,6 +61,8 @@ class Checkpointer:
         self.max_events = max_events
         self.timeout_s = timeout_s
         self.pending_offsets: dict[TopicPartition, int] = {}
+        # The offsets this checkpointer last committed, per partition, while the service owns the partition.
+        self.committed_offsets: dict[TopicPartition, int] = {}
         self.pending_events = 0
         self.pending_event_times_ms: list[np.ndarray] = []
         self._last_checkpoint = time.monotonic()
@@ -169,6 +171,7 @@ class Checkpointer:
         return offsets
 
     def _observe_checkpoint(self, offsets: dict[TopicPartition, int], started: float) -> None:
+        self.committed_offsets.update(offsets)
         if offsets:
             self.metrics.commits.inc()
         self.metrics.checkpoints.inc()

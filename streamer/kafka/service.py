@@ -108,6 +108,9 @@ class StreamerService:
         self.producer: AIOKafkaProducer | None = None
         self.checkpointer: Checkpointer | None = None
         self._assignment: set[TopicPartition] = set()
+        # Revoked partitions whose entities stay in memory until the next assignment, with the offset
+        # committed for each when it was revoked (see on_partitions_revoked).
+        self._parked: dict[TopicPartition, int] = {}
         self._restores: dict[TopicPartition, asyncio.Task] = {}
         self._batch_lock = asyncio.Lock()
         self._stop_requested = asyncio.Event()
@@ -303,6 +306,7 @@ class StreamerService:
         await self._stop_clients()
         self.engine = self._new_engine()
         self._assignment.clear()
+        self._parked.clear()
         self.metrics.assigned_partitions.set(0)
         self.metrics.state_entities.set(0)
 
@@ -348,33 +352,82 @@ class StreamerService:
     # -- rebalances --------------------------------------------------------------------------------------
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Checkpoint what was processed, then drop the revoked partitions' entities from memory."""
+        """Checkpoint what was processed, then park the revoked partitions' entities or drop them.
+
+        aiokafka revokes every partition at each rebalance, and the next assignment often gives many of them
+        back. After a successful checkpoint, the entities of a revoked partition stay in memory ("parked")
+        with the offset committed for it. ``on_partitions_assigned`` keeps them when the partition comes back
+        with that offset still committed: then no other member committed progress on it in between.
+        Partitions whose checkpoint failed or whose restore was still running are dropped here.
+        """
         if not revoked:
             return
+        restoring = set()
         for tp in revoked & set(self._restores):
             self._restores.pop(tp).cancel()
+            restoring.add(tp.partition)
             self.metrics.restore_anomalies.labels(kind="rebalance_during_restore").inc()
             logger.info("Restore of %s cancelled by a rebalance", tp)
         async with self._batch_lock:
+            checkpointed = False
             try:
-                await self._checkpoint()
+                checkpointed = await self._checkpoint()
             except RejoinRequired as error:
                 logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
                 await self._abort_quietly()
             except (BrokerError, KafkaError, asyncio.TimeoutError) as error:
                 logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
-            partitions = {tp.partition for tp in revoked}
-            # NOTE: the arena keys entities by partition number only. With several input topics, a revoked
+            committed = self.checkpointer.committed_offsets if checkpointed else {}
+            parkable = {tp for tp in revoked if tp in committed and tp.partition not in restoring}
+            # NOTE: the arena keys entities by partition number only. With several input topics, a dropped
             # partition number drops that number's entities of every topic, which range assignment co-assigns.
-            dropped = self.engine.arena.remove_partitions(partitions)
-            self.engine.arena.drain_removed()
+            dropped_numbers = {tp.partition for tp in revoked - parkable}
+            self._parked = {tp: committed[tp] for tp in parkable if tp.partition not in dropped_numbers}
+            dropped = self._drop_partitions(dropped_numbers, revoked - self._parked.keys())
             self._assignment -= revoked
             for tp in revoked:
                 self.metrics.remove_partition(tp.topic, tp.partition)
             self.metrics.rebalances.inc()
             self.metrics.assigned_partitions.set(len(self._assignment))
-            self.metrics.state_entities.set(len(self.engine.arena))
-        logger.info("Partitions revoked: %s; dropped %d entities", _format_partitions(revoked), dropped)
+        logger.info("Partitions revoked: %s; dropped %d entities, %d stay in memory until the assignment",
+                    _format_partitions(revoked), dropped, len(self.engine.arena))
+
+    def _drop_partitions(self, numbers: set[int], partitions: set[TopicPartition]) -> int:
+        """Remove the entities of partition ``numbers`` and forget the offsets committed for ``partitions``."""
+        dropped = self.engine.arena.remove_partitions(numbers) if numbers else 0
+        self.engine.arena.drain_removed()
+        if self.checkpointer is not None:
+            for tp in partitions:
+                self.checkpointer.committed_offsets.pop(tp, None)
+        self.metrics.state_entities.set(len(self.engine.arena))
+        return dropped
+
+    async def _keep_parked(self, assigned: set[TopicPartition]) -> tuple[set[TopicPartition], set[TopicPartition]]:
+        """Keep the parked partitions assigned back with their committed offsets unchanged; drop the others.
+
+        Returns the kept partitions and the ones this call paused (the parked partitions assigned back),
+        which the caller resumes unless they must be restored.
+        """
+        parked, self._parked = self._parked, {}
+        returned = assigned & parked.keys()
+        # Paused before any await, so that the fetch loop processes none of them before the check.
+        self.consumer.pause(*returned)
+        kept = set()
+        async with self._batch_lock:
+            try:
+                for tp in returned:
+                    if await self.consumer.committed(tp) == parked[tp]:
+                        kept.add(tp)
+            except (KafkaError, asyncio.TimeoutError) as error:
+                logger.warning("Reading the committed offsets of partitions assigned back failed, dropping "
+                               "their entities: %r", error)
+                kept = set()
+            stale_numbers = {tp.partition for tp in parked.keys() - kept}
+            kept = {tp for tp in kept if tp.partition not in stale_numbers}
+            dropped = self._drop_partitions(stale_numbers, parked.keys() - kept)
+        logger.info("Kept the entities of %d partitions assigned back unchanged (%s); dropped %d entities",
+                    len(kept), _format_partitions(kept), dropped)
+        return kept, returned
 
     async def _abort_quietly(self) -> None:
         try:
@@ -383,8 +436,12 @@ class StreamerService:
             logger.warning("Aborting the open transaction failed: %r", error)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Record the assignment; with the changelog on, pause new partitions until their state is restored."""
-        new = assigned - self._assignment
+        """Record the assignment; with the changelog on, pause new partitions until their state is restored.
+
+        Parked partitions assigned back unchanged keep their entities and are not restored.
+        """
+        kept_back, returned = await self._keep_parked(assigned) if self._parked else (set(), set())
+        new = assigned - self._assignment - kept_back
         self._assignment |= assigned
         self.metrics.assigned_partitions.set(len(self._assignment))
         if assigned:
@@ -397,6 +454,9 @@ class StreamerService:
                 self._restores[tp] = asyncio.create_task(self._restore(tp),
                                                          name=f"restore-{tp.topic}-{tp.partition}")
             self.metrics.restore_partitions_in_progress.set(len(self._restores))
+        resumed = returned if self.changelog_topic is None else returned - new
+        if resumed:
+            self.consumer.resume(*resumed)
         await self._check_retained_offsets(new)
 
     async def _check_retained_offsets(self, partitions: set[TopicPartition]) -> None:

@@ -300,3 +300,50 @@ def test_committed_offset_no_longer_retained(kafka_bootstrap, model_path, tmp_pa
     assert anomalies == 1
     assert "no longer retained" in log
     assert sorted(output["source"]["offset"] for output in outputs) == list(range(60, 100))
+
+
+def test_rebalance_keeps_state_of_partitions_assigned_back(kafka_bootstrap, model_path, tmp_path):
+    # Without the changelog, a member that gets a revoked partition back keeps its entities' state.
+    topics = names("keep")
+    events = make_events(600)
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:300]))
+    settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS,
+                    max_batch_events=50, checkpoint_interval_ms=200, **topics)
+    first = ServiceProcess(tmp_path, **settings)
+    second = None
+    try:
+        first.wait_ready()
+        wait_for_outputs(first, 300)
+        second = ServiceProcess(tmp_path, **settings)
+        second.wait_ready()
+        deadline = time.monotonic() + 60
+        while (kept := re.search(r"Kept the entities of 1 partitions assigned back unchanged \(.*\[(\d)\]\)",
+                                 first.log())) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kept is not None, first.log()
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[300:]))
+        positions = asyncio.run(input_positions(kafka_bootstrap, topics["input_topics"], len(events)))
+        records = read_until_covered(kafka_bootstrap, topics["output_topic"], len(events))
+    finally:
+        assert first.stop() == 0, first.log()
+        if second is not None:
+            assert second.stop() == 0, second.log()
+
+    kept_partition = int(kept.group(1))
+    reference, _ = offline(model_path, events)
+    seq_of = {position: seq for seq, position in positions.items()}
+    later = [orjson.loads(record.value) for record in records]
+    later = [(seq_of[(o["source"]["partition"], o["source"]["offset"])], o) for o in later]
+    later = [(seq, o) for seq, o in later if seq >= 300]
+    on_kept = [(seq, o) for seq, o in later if o["source"]["partition"] == kept_partition]
+    assert len({seq for seq, _ in on_kept}) == sum(1 for seq in range(300, 600) if positions[seq][0] == kept_partition)
+    for seq, output in on_kept:
+        expected_prediction, expected_step = reference[seq]
+        assert output["step"] == expected_step, (seq, output)
+        assert abs(output["prediction"][0] - expected_prediction) < 1e-5, (seq, output)
+    moved_first_steps = {}
+    for seq, output in sorted(later, key=lambda item: item[0]):
+        if output["source"]["partition"] != kept_partition:
+            moved_first_steps.setdefault(output["entity"], output["step"])
+    assert set(moved_first_steps.values()) == {1}  # the moved partition's state stayed with the first member
