@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError, ProducerFenced
+from aiokafka.errors import (CommitFailedError, IllegalStateError, InvalidSessionTimeoutError, KafkaError,
+                             ProducerFenced)
 
 from streamer import __version__
 from streamer.backtest.file_replay import event_format_for
@@ -570,7 +571,13 @@ class StreamerService:
         if self._rejoin_reason is not None:
             reason, self._rejoin_reason = self._rejoin_reason, None
             raise RejoinRequired(reason)
-        records = await self.consumer.getmany(timeout_ms=100, max_records=self.settings.max_batch_events)
+        try:
+            records = await self.consumer.getmany(timeout_ms=100, max_records=self.settings.max_batch_events)
+        except InvalidSessionTimeoutError:
+            raise ConfigError(
+                f"Invalid session timeout {self.settings.session_timeout_ms} ms (--session-timeout-ms): the broker "
+                "rejected it. Brokers accept group.min.session.timeout.ms to group.max.session.timeout.ms, 6000 to "
+                "1800000 ms by default") from None
         self._hold_back_restoring(records)
         self._last_poll = time.monotonic()
         self.metrics.mark_poll()

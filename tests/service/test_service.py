@@ -209,3 +209,17 @@ def test_session_timeout_reaches_consumer(kafka_bootstrap, tmp_path):
 
     assert session_ms == 6000
     assert heartbeat_ms == 2000
+
+
+def test_session_timeout_rejected_by_broker(kafka_bootstrap, tmp_path):
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    topics = names("short-session")
+    command = [sys.executable, "-m", "streamer", "run", "--model", str(tmp_path / "net.pt"), "--bootstrap-servers",
+               kafka_bootstrap, "--metrics-port", "0", "--session-timeout-ms", "1000",
+               "--input-topics", topics["input_topics"], "--output-topic", topics["output_topic"],
+               "--dead-letter-topic", topics["dead_letter_topic"], "--group-id", topics["group_id"]]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 2, result.stderr
+    assert "error: Invalid session timeout 1000 ms (--session-timeout-ms)" in result.stderr
