@@ -61,8 +61,9 @@ class Checkpointer:
         self.max_events = max_events
         self.timeout_s = timeout_s
         self.pending_offsets: dict[TopicPartition, int] = {}
-        # The offsets this checkpointer last committed, per partition, while the service owns the partition.
-        self.committed_offsets: dict[TopicPartition, int] = {}
+        # The last committed offset of each partition the service owns: committed by this checkpointer, or
+        # found at the assignment (None when the group never committed one).
+        self.committed_offsets: dict[TopicPartition, int | None] = {}
         self.pending_events = 0
         self.pending_event_times_ms: list[np.ndarray] = []
         self._last_checkpoint = time.monotonic()

@@ -461,13 +461,19 @@ class StreamerService:
         await self._check_retained_offsets(new)
 
     async def _check_retained_offsets(self, partitions: set[TopicPartition]) -> None:
-        """Log and count partitions whose committed offset is below the log start (records deleted)."""
+        """Log and count partitions whose committed offset is below the log start (records deleted).
+
+        Also records each partition's committed offset as the checkpointer's, unless a checkpoint already
+        committed a newer one, so that a partition revoked before its first commit can be parked.
+        """
         if not partitions:
             return
         try:
             beginnings = await self.consumer.beginning_offsets(list(partitions))
             for tp in partitions:
                 committed = await self.consumer.committed(tp)
+                if self.checkpointer is not None:
+                    self.checkpointer.committed_offsets.setdefault(tp, committed)
                 if committed is not None and committed < beginnings[tp]:
                     self.metrics.restore_anomalies.labels(kind="offsets_not_retained").inc()
                     logger.warning("Committed offset %d of %s is no longer retained (log starts at %d); "

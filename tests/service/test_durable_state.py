@@ -347,3 +347,38 @@ def test_rebalance_keeps_state_of_partitions_assigned_back(kafka_bootstrap, mode
         if output["source"]["partition"] != kept_partition:
             moved_first_steps.setdefault(output["entity"], output["step"])
     assert set(moved_first_steps.values()) == {1}  # the moved partition's state stayed with the first member
+
+
+def test_idle_member_keeps_partitions_when_another_joins(kafka_bootstrap, model_path, tmp_path):
+    # A member that has processed nothing since its assignment parks its partitions with the offsets
+    # committed at the assignment, so the join of a second member restores nothing on the first one.
+    topics = names("idle")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(100)))
+    settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS,
+                    changelog="true", checkpoint_interval_ms=200, **topics)
+    first = ServiceProcess(tmp_path, **settings)
+    first.wait_ready()
+    wait_for_outputs(first, 100)
+    assert first.stop() == 0, first.log()  # the events are committed and in the changelog
+
+    restarted = ServiceProcess(tmp_path, **settings)
+    second = None
+    try:
+        restarted.wait_ready()
+        restored_before = restarted.metric("streamer_restored_records_total")
+        second = ServiceProcess(tmp_path, **settings)
+        second.wait_ready()
+        deadline = time.monotonic() + 60
+        while "Kept the entities of 1 partitions" not in restarted.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        restarted.wait_ready()
+        restored_after = restarted.metric("streamer_restored_records_total")
+    finally:
+        assert restarted.stop() == 0, restarted.log()
+        if second is not None:
+            assert second.stop() == 0, second.log()
+
+    assert "Kept the entities of 1 partitions" in restarted.log()
+    assert restored_before > 0
+    assert restored_after == restored_before
