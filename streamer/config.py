@@ -117,7 +117,14 @@ class _TomlSettings(TomlConfigSettingsSource):
     """A TOML settings file whose top-level keys may also be written with hyphens, as the flags are."""
 
     def _read_file(self, file_path) -> dict[str, Any]:
-        return {str(key).replace("-", "_"): value for key, value in super()._read_file(file_path).items()}
+        settings: dict[str, Any] = {}
+        for key, value in super()._read_file(file_path).items():
+            name = str(key).replace("-", "_")
+            if name in settings:
+                raise ConfigError(f"Invalid settings file {file_path}: {name} is set twice (as {name} and "
+                                  f"{name.replace('_', '-')})")
+            settings[name] = value
+        return settings
 
 
 def _describe_problem(item: dict[str, Any]) -> str:
@@ -125,4 +132,5 @@ def _describe_problem(item: dict[str, Any]) -> str:
     if item["type"] == "extra_forbidden":
         return f"unknown setting {name!r} (valid names are those of `streamer run --help`, without the leading --)"
     location = ".".join(str(part) for part in item["loc"])
-    return f"{location} ({env_var(name)}): {item['msg']}"
+    flag = "--" + name.replace("_", "-")
+    return f"{location} ({flag}, {env_var(name)} or the settings file): {item['msg']}"

@@ -46,6 +46,22 @@ def test_settings_file_unknown_key(tmp_path):
     assert "STREAMER_" not in str(raised.value)
 
 
+def test_settings_file_key_in_both_spellings(tmp_path):
+    (tmp_path / "service.toml").write_text('output_topic = "a"\noutput-topic = "b"\n')
+
+    with pytest.raises(ConfigError, match="output_topic is set twice"):
+        load_settings(tmp_path / "service.toml")
+
+
+def test_settings_file_wrong_type_names_flag_and_file(tmp_path):
+    (tmp_path / "service.toml").write_text('metrics_port = "abc"\n')
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(tmp_path / "service.toml")
+
+    assert "metrics_port (--metrics-port, STREAMER_METRICS_PORT or the settings file)" in str(raised.value)
+
+
 def test_unknown_log_level(monkeypatch):
     monkeypatch.setenv("STREAMER_LOG_LEVEL", "LOUD")
 

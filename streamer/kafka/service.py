@@ -121,6 +121,10 @@ class StreamerService:
         self._output_partitioner: KeyPartitioner | None = None
         self._dead_letter_partitioner: KeyPartitioner | None = None
         self._transactional_id = f"{settings.group_id}-{settings.group_instance_id or uuid.uuid4().hex[:12]}"
+        if self.exactly_once and self.changelog_topic is None:
+            logger.warning("Exactly-once without --changelog: each output is written once, but a restarted member "
+                           "starts its entities from zero state, so outputs after a restart differ from an "
+                           "uninterrupted run")
         if self.exactly_once and settings.group_instance_id is None:
             logger.warning("Exactly-once without a group instance id: the transactional id %s is new on every "
                            "start, so a restarted member cannot fence its predecessor. Set --group-instance-id "
@@ -368,7 +372,7 @@ class StreamerService:
             self._restores.pop(tp).cancel()
             restoring.add(tp.partition)
             self.metrics.restore_anomalies.labels(kind="rebalance_during_restore").inc()
-            logger.info("Restore of %s cancelled by a rebalance", tp)
+            logger.info("Restore of %s cancelled by a rebalance", _format_partition(tp))
         async with self._batch_lock:
             checkpointed = False
             try:
@@ -413,22 +417,22 @@ class StreamerService:
         returned = assigned & parked.keys()
         # Paused before any await, so that the fetch loop processes none of them before the check.
         self.consumer.pause(*returned)
-        kept = set()
+        unchanged = set()
         async with self._batch_lock:
             try:
                 for tp in returned:
                     if await self.consumer.committed(tp) == parked[tp]:
-                        kept.add(tp)
+                        unchanged.add(tp)
             except (KafkaError, asyncio.TimeoutError) as error:
                 logger.warning("Reading the committed offsets of partitions assigned back failed, dropping "
                                "their entities: %r", error)
-                kept = set()
-            stale_numbers = {tp.partition for tp in parked.keys() - kept}
-            kept = {tp for tp in kept if tp.partition not in stale_numbers}
-            dropped = self._drop_partitions(stale_numbers, parked.keys() - kept)
+                unchanged = set()
+            stale_numbers = {tp.partition for tp in parked.keys() - unchanged}
+            unchanged = {tp for tp in unchanged if tp.partition not in stale_numbers}
+            dropped = self._drop_partitions(stale_numbers, parked.keys() - unchanged)
         logger.info("Kept the entities of %d partitions assigned back unchanged (%s); dropped %d entities",
-                    len(kept), _format_partitions(kept), dropped)
-        return kept, returned
+                    len(unchanged), _format_partitions(unchanged), dropped)
+        return unchanged, returned
 
     async def _abort_quietly(self) -> None:
         try:
@@ -484,7 +488,7 @@ class StreamerService:
 
     async def _restore(self, tp: TopicPartition) -> None:
         settings = self.settings
-        logger.info("Restoring state of %s from %s[%d]", tp, self.changelog_topic, tp.partition)
+        logger.info("Restoring state of %s from %s[%d]", _format_partition(tp), self.changelog_topic, tp.partition)
         try:
             start_offset = await self._load_snapshot(tp.partition)
             result = await restore_partition(
@@ -495,12 +499,12 @@ class StreamerService:
         except asyncio.CancelledError:
             raise
         except StateError as error:
-            logger.error("Restore of %s failed, stopping: %s", tp, error)
+            logger.error("Restore of %s failed, stopping: %s", _format_partition(tp), error)
             self._fatal_error = error
             self.request_stop()
             return
         except (KafkaError, asyncio.TimeoutError, OSError) as error:
-            logger.warning("Restore of %s failed, rejoining: %r", tp, error)
+            logger.warning("Restore of %s failed, rejoining: %r", _format_partition(tp), error)
             self._restores.pop(tp, None)
             self.metrics.restore_partitions_in_progress.set(len(self._restores))
             self._rejoin_reason = f"the restore of {tp} failed: {error!r}"
@@ -510,7 +514,7 @@ class StreamerService:
         mismatched = result.anomalies.get("model_mismatch", 0)
         if mismatched:
             logger.warning("Discarded the state of %d entities of %s made by another model (--model-mismatch "
-                           "reset); they start from zero state", mismatched, tp)
+                           "reset); they start from zero state", mismatched, _format_partition(tp))
         self.metrics.restored_records.inc(result.records)
         self.metrics.restore_duration_seconds.observe(result.duration_s)
         self.metrics.state_entities.set(len(self.engine.arena))
@@ -519,8 +523,8 @@ class StreamerService:
             if tp in self._assignment:
                 self.consumer.resume(tp)
         self.metrics.restore_partitions_in_progress.set(len(self._restores))
-        logger.info("Restored %s: %d entities, %d changelog records read in %.2f s", tp, result.entities,
-                    result.records, result.duration_s)
+        logger.info("Restored %s: %d entities, %d changelog records read in %.2f s", _format_partition(tp),
+                    result.entities, result.records, result.duration_s)
 
     async def _load_snapshot(self, partition: int) -> int | None:
         """Load the partition's snapshot into the arena; return the changelog offset to continue from."""
@@ -625,7 +629,8 @@ class StreamerService:
             messages = records.pop(tp)
             if messages:
                 self.consumer.seek(tp, messages[0].offset)
-                logger.info("Held back %d records of %s until its restore completes", len(messages), tp)
+                logger.info("Held back %d records of %s until its restore completes", len(messages),
+                            _format_partition(tp))
 
     def _start_background_checkpoint(self) -> None:
         """Capture an at-least-once checkpoint now and complete it in a task while the loop goes on.
@@ -847,8 +852,12 @@ def _retrieve_exception(future: asyncio.Future) -> None:
         future.exception()
 
 
+def _format_partition(tp: TopicPartition) -> str:
+    return f"{tp.topic}[{tp.partition}]"
+
+
 def _format_partitions(partitions: set[TopicPartition]) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(partitions)) or "none"
+    return ", ".join(map(_format_partition, sorted(partitions))) or "none"
 
 
 async def run_service(settings: Settings) -> None:

@@ -258,7 +258,7 @@ def test_snapshot_then_changelog_tail(kafka_bootstrap, model_path, tmp_path):
     finally:
         assert second.stop() == 0, second.log()
     assert "Loaded the snapshot" in log
-    restored = [int(count) for count in re.findall(r"Restored TopicPartition\(.*?\): (\d+) entities", log)]
+    restored = [int(count) for count in re.findall(r"Restored \S+\[\d+\]: (\d+) entities", log)]
     assert len(restored) == PARTITIONS
     assert sum(restored) == ENTITIES  # snapshot entities are counted even when no changelog record follows
     check_outputs_match_offline(records, events, positions_all, reference, exactly_once=False)

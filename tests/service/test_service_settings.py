@@ -50,9 +50,17 @@ def test_exactly_once_without_instance_id_warns(model_path, caplog):
     assert "cannot fence its predecessor" in caplog.text
 
 
-def test_exactly_once_with_instance_id_quiet(model_path, caplog):
+def test_exactly_once_without_changelog_warns(model_path, caplog):
     with caplog.at_level("WARNING", logger="streamer.kafka.service"):
         StreamerService(Settings(model=model_path, metrics_port=0, guarantee="exactly-once",
                                  group_instance_id="member-0"))
 
-    assert "cannot fence" not in caplog.text
+    assert "Exactly-once without --changelog" in caplog.text
+
+
+def test_exactly_once_with_changelog_and_instance_id_quiet(model_path, caplog):
+    with caplog.at_level("WARNING", logger="streamer.kafka.service"):
+        StreamerService(Settings(model=model_path, metrics_port=0, guarantee="exactly-once", changelog=True,
+                                 group_instance_id="member-0"))
+
+    assert caplog.text == ""
