@@ -21,6 +21,11 @@ and without transactions. Then ``streamer.kafka.restore.restore_partition`` load
 ``asyncio.gather``. Last, a service process is started on that changelog and timed from process start to
 ``/readyz`` 200, which waits for the restore of every assigned partition.
 
+Scale-out: a second member then joins the group. It is timed from its process start until ``/readyz``
+returns 200 on both members again, and the changelog records each member read for that rebalance are
+counted (``streamer_restored_records_total``). The first member keeps the state of the partitions the
+rebalance gives back to it, so it reads none.
+
 Usage: python benchmarks/durability.py [--events N] [--restore-entities N] [--repeats N] [--quick]
 """
 
@@ -351,23 +356,25 @@ async def measure_restore(broker: Broker, work_dir: Path, model_path: Path, args
 
     input_topic, output, dead_letter = f"dur-restore-in-{suffix}", f"dur-restore-out-{suffix}", f"dur-restore-dlq-{suffix}"
     await broker.create_topics([input_topic, output, dead_letter])
-    service = ServiceProcess(work_dir, group, {
+    environment = {
         "STREAMER_MODEL": str(model_path), "STREAMER_BOOTSTRAP_SERVERS": broker.bootstrap,
         "STREAMER_INPUT_TOPICS": input_topic, "STREAMER_OUTPUT_TOPIC": output,
         "STREAMER_DEAD_LETTER_TOPIC": dead_letter, "STREAMER_GROUP_ID": group,
         "STREAMER_TOPIC_PARTITIONS": str(PARTITIONS), "STREAMER_CHANGELOG": "true",
-        "STREAMER_MODEL_MISMATCH": "fail"})
+        "STREAMER_MODEL_MISMATCH": "fail"}
+    service = ServiceProcess(work_dir, group, environment)
     try:
         ready = await service.wait_ready()
         restored = await asyncio.to_thread(service.metric_sum, "streamer_restored_records_total")
         entities = await asyncio.to_thread(service.metric_sum, "streamer_state_entities")
         restore_seconds = await asyncio.to_thread(service.metric_sum, "streamer_restore_duration_seconds_sum")
+        service_ready_s = ready - service.started
+        print(f"  service start to /readyz: {service_ready_s:.2f} s ({int(entities):,} entities)", flush=True)
+        scale_out = await measure_scale_out(work_dir, f"{group}-joiner", environment, service, restored)
     finally:
         exit_code = service.stop()
     if exit_code != 0:
         raise RuntimeError(f"service exited with {exit_code}:\n{service.log_tail()}")
-    service_ready_s = ready - service.started
-    print(f"  service start to /readyz: {service_ready_s:.2f} s ({int(entities):,} entities)", flush=True)
 
     best = min(sequential_s, concurrent_s)
     result = {
@@ -379,6 +386,7 @@ async def measure_restore(broker: Broker, work_dir: Path, model_path: Path, args
         "service_start_to_ready_seconds": round(service_ready_s, 2),
         "service_restored_records": int(restored), "service_state_entities": int(entities),
         "service_restore_duration_seconds_sum": round(restore_seconds, 2),
+        "scale_out": scale_out,
         "target": {"max_seconds": TARGET_RESTORE_S, "measured_seconds": round(best, 2),
                    "met": best <= TARGET_RESTORE_S and sequential_entities == args.restore_entities},
     }
@@ -389,15 +397,44 @@ async def measure_restore(broker: Broker, work_dir: Path, model_path: Path, args
     return result
 
 
+async def measure_scale_out(work_dir: Path, name: str, environment: dict[str, str], first: ServiceProcess,
+                            first_restored: float) -> dict:
+    """Start a second member of ``first``'s group; time it until both are ready and count what each re-read.
+
+    The joiner becomes ready only after the rebalance and the restore of its own partitions. The first
+    member is polled after that, so a restore of its own after the rebalance is waited for too.
+    """
+    joiner = ServiceProcess(work_dir, name, environment)
+    try:
+        joiner_ready = await joiner.wait_ready()
+        first_ready = await first.wait_ready()
+        joiner_read = await asyncio.to_thread(joiner.metric_sum, "streamer_restored_records_total")
+        first_read = await asyncio.to_thread(first.metric_sum, "streamer_restored_records_total") - first_restored
+        first_entities = await asyncio.to_thread(first.metric_sum, "streamer_state_entities")
+        joiner_entities = await asyncio.to_thread(joiner.metric_sum, "streamer_state_entities")
+    finally:
+        exit_code = joiner.stop()
+    if exit_code != 0:
+        raise RuntimeError(f"joining service exited with {exit_code}:\n{joiner.log_tail()}")
+    seconds = max(joiner_ready, first_ready) - joiner.started
+    print(f"  second member: start to both ready {seconds:.2f} s; changelog records read again by the first "
+          f"member {int(first_read):,}, by the second {int(joiner_read):,}", flush=True)
+    return {"start_to_both_ready_seconds": round(seconds, 2), "first_member_records_read": int(first_read),
+            "second_member_records_read": int(joiner_read), "first_member_entities": int(first_entities),
+            "second_member_entities": int(joiner_entities)}
+
+
 # -- report ----------------------------------------------------------------------------------------------
 
 
 def format_tables(report: dict) -> str:
-    throughput = report["throughput"]
-    lines = [f"Throughput ({throughput['events']:,} events, {throughput['entities']:,} entities, "
-             f"median of {throughput['repeats']}):",
-             "| configuration | events/s | ratio to at-least-once | max loss | met |", "|---|---:|---:|---:|---|"]
-    for name, value in throughput["median_events_per_s"].items():
+    lines = []
+    throughput = report.get("throughput")
+    if throughput:
+        lines += [f"Throughput ({throughput['events']:,} events, {throughput['entities']:,} entities, "
+                  f"median of {throughput['repeats']}):",
+                  "| configuration | events/s | ratio to at-least-once | max loss | met |", "|---|---:|---:|---:|---|"]
+    for name, value in (throughput["median_events_per_s"] if throughput else {}).items():
         target = throughput["targets"].get(name)
         ratio, loss, met = "1.000", "", ""
         if target is not None:
@@ -414,6 +451,11 @@ def format_tables(report: dict) -> str:
                   f"| restore_partition, one partition after the other | {restore['restore_sequential_seconds']} |",
                   f"| restore_partition, all partitions with asyncio.gather | {restore['restore_concurrent_seconds']} |",
                   f"| service process start to /readyz | {restore['service_start_to_ready_seconds']} |",
+                  f"| second member joins: its start to both members ready "
+                  f"| {restore['scale_out']['start_to_both_ready_seconds']} |",
+                  f"changelog records read for the rebalance: first member "
+                  f"{restore['scale_out']['first_member_records_read']:,}, second member "
+                  f"{restore['scale_out']['second_member_records_read']:,}",
                   f"target: at most {restore['target']['max_seconds']:.0f} s: "
                   f"{'met' if restore['target']['met'] else 'NOT met'}"]
     return "\n".join(lines)
@@ -426,6 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration; the median is reported")
     parser.add_argument("--restore-entities", type=int, default=1_000_000, help="state records to restore")
     parser.add_argument("--skip-restore", action="store_true", help="measure throughput only")
+    parser.add_argument("--skip-throughput", action="store_true", help="measure restore and scale-out only")
     parser.add_argument("--profile", action="store_true", help="profile the restore even when the target is met")
     parser.add_argument("--quick", action="store_true",
                         help="30,000 events, 1 repeat, 50,000 entities to restore, no results file")
@@ -446,7 +489,9 @@ async def run_benchmark(args: argparse.Namespace, bootstrap: str, work_dir: Path
     broker = Broker(bootstrap)
     await broker.start()
     try:
-        report = {"throughput": await measure_throughput(broker, work_dir, model_path, args)}
+        report = {}
+        if not args.skip_throughput:
+            report["throughput"] = await measure_throughput(broker, work_dir, model_path, args)
         if not args.skip_restore:
             report["restore"] = await measure_restore(broker, work_dir, model_path, args)
         return report
@@ -482,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.output}")
-    met = all(target["met"] for target in report["throughput"]["targets"].values())
+    met = all(target["met"] for target in report.get("throughput", {}).get("targets", {}).values())
     if "restore" in report:
         met = met and report["restore"]["target"]["met"]
     print(f"targets {'met' if met else 'NOT met'}; total {report['total_seconds']:.0f} s")
