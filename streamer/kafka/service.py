@@ -111,7 +111,7 @@ class StreamerService:
         self._assignment: set[TopicPartition] = set()
         # Revoked partitions whose entities stay in memory until the next assignment, with the offset
         # committed for each when it was revoked (see on_partitions_revoked).
-        self._parked: dict[TopicPartition, int] = {}
+        self._parked: dict[TopicPartition, int | None] = {}
         self._restores: dict[TopicPartition, asyncio.Task] = {}
         self._batch_lock = asyncio.Lock()
         self._stop_requested = asyncio.Event()
@@ -241,7 +241,7 @@ class StreamerService:
             bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
             session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=min(DEFAULT_HEARTBEAT_INTERVAL_MS, settings.session_timeout_ms // 3),
+            heartbeat_interval_ms=max(1, min(DEFAULT_HEARTBEAT_INTERVAL_MS, settings.session_timeout_ms // 3)),
             auto_offset_reset="earliest", max_poll_records=settings.max_batch_events,
             fetch_max_wait_ms=settings.fetch_max_wait_ms, fetch_min_bytes=settings.fetch_min_bytes,
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
@@ -507,7 +507,7 @@ class StreamerService:
             logger.warning("Restore of %s failed, rejoining: %r", _format_partition(tp), error)
             self._restores.pop(tp, None)
             self.metrics.restore_partitions_in_progress.set(len(self._restores))
-            self._rejoin_reason = f"the restore of {tp} failed: {error!r}"
+            self._rejoin_reason = f"the restore of {_format_partition(tp)} failed: {error!r}"
             return
         for kind, count in result.anomalies.items():
             self.metrics.restore_anomalies.labels(kind=kind).inc(count)
