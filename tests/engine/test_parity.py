@@ -119,6 +119,24 @@ def test_repeated_entity_in_one_batch_applied_in_order(seed_net_factory):
     assert np.abs(result.predictions - expected).max() < TOLERANCE
 
 
+def test_older_timestamp_applied_in_arrival_order(seed_net_factory):
+    net, path = seed_net_factory("lstm")
+    features = np.random.default_rng(4).normal(size=(3, 4)).astype(np.float32)
+    entities = ["a", "a", "a"]
+    engine = Engine(load_model(path))
+    steps = []
+    predictions = []
+    for position, ts in enumerate([3_000, 1_000, 2_000]):  # the second and third events are older
+        result = engine.process(EventBatch.build(entities[position:position + 1], features[position:position + 1],
+                                                 ts_ms=[ts], offsets=[position]))
+        steps.append(int(result.steps[0]))
+        predictions.append(result.predictions[0])
+
+    assert steps == [1, 2, 3]
+    expected = reference(net, entities, features, np.zeros(3, bool))
+    assert np.abs(np.array(predictions) - expected).max() < TOLERANCE
+
+
 def test_manifest_scaling_applied(seed_net_factory, tmp_path):
     net, _ = seed_net_factory("gru", input_dim=2, output_dim=1)
     manifest = ModelManifest("gru", 2, 16, 2, 1, input_mean=(10.0, -5.0), input_std=(2.0, 0.5),
