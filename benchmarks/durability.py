@@ -434,14 +434,14 @@ def format_tables(report: dict) -> str:
         lines += [f"Throughput ({throughput['events']:,} events, {throughput['entities']:,} entities, "
                   f"median of {throughput['repeats']}):",
                   "| configuration | events/s | ratio to at-least-once | max loss | met |", "|---|---:|---:|---:|---|"]
-    for name, value in (throughput["median_events_per_s"] if throughput else {}).items():
-        target = throughput["targets"].get(name)
-        ratio, loss, met = "1.000", "", ""
-        if target is not None:
-            ratio = f"{target['ratio_to_baseline']:.3f}"
-            loss = f"{target['max_loss']:.0%}"
-            met = "yes" if target["met"] else "NO"
-        lines.append(f"| {name} | {value:,} | {ratio} | {loss} | {met} |")
+        for name, value in throughput["median_events_per_s"].items():
+            target = throughput["targets"].get(name)
+            ratio, loss, met = "1.000", "", ""
+            if target is not None:
+                ratio = f"{target['ratio_to_baseline']:.3f}"
+                loss = f"{target['max_loss']:.0%}"
+                met = "yes" if target["met"] else "NO"
+            lines.append(f"| {name} | {value:,} | {ratio} | {loss} | {met} |")
     restore = report.get("restore")
     if restore:
         lines += ["", f"Restore of {restore['entities']:,} entities ({restore['record_bytes']} bytes per record, "

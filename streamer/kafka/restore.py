@@ -70,7 +70,6 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
         await _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started)
     finally:
         await consumer.stop()
-    # Counted from the arena, so that entities loaded from a snapshot before the read are included.
     result.entities = len(arena.occupied_slots(partition))
     result.duration_s = time.monotonic() - started
     return result
