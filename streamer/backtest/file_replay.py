@@ -15,7 +15,7 @@ from streamer.engine.batch import EventBatch
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import ConfigError
 from streamer.io.events import DeadLetter, EventDecoder, EventFormat
-from streamer.io.files import OutputWriter, RecordChunk, read_records
+from streamer.io.files import OutputWriter, RecordChunk, StagedFile, check_input_file, read_records
 from streamer.io.outputs import encode_dead_letter_line, encode_output_lines, encode_outputs, file_source
 from streamer.model.network import RecurrentModel
 
@@ -69,9 +69,10 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     """Replay ``input_path`` in file order and write one output per valid event, in input order.
 
     Invalid records go to the dead-letter file beside the output with their reason. The same input and
-    batch size give byte-identical output.
+    batch size give byte-identical output. Both files replace earlier ones only when the run completes.
     """
     input_path, output_path = Path(input_path), Path(output_path)
+    check_input_file(input_path)
     for role, path in (("output", output_path), ("dead-letter", dead_letter_path_for(output_path))):
         if path.exists() and input_path.exists() and path.samefile(input_path):
             raise ConfigError(f"The {role} file {path} is the input file {input_path}: choose another output path")
@@ -81,7 +82,7 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     show_progress = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
     with scheduled_collection() as collector, OutputWriter(output_path) as writer, \
-            result.dead_letter_path.open("wb") as dead_file, \
+            StagedFile(result.dead_letter_path) as dead_file, \
             EventProgress(f"backtest {input_path.name}", _total_events(input_path, show_progress),
                           show_progress) as advance:
         for chunk in read_records(input_path, batch_size, model.manifest.feature_names):

@@ -43,7 +43,7 @@ from streamer.engine import Engine, EventBatch, StepResult
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError
 from streamer.io.events import DeadLetter, EventDecoder
-from streamer.io.files import OutputWriter
+from streamer.io.files import OutputWriter, StagedFile
 from streamer.io.outputs import encode_dead_letter_line, encode_output_lines, encode_outputs, topic_source
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.producer import KeyPartitioner, send_records
@@ -377,7 +377,7 @@ class _FileSink:
 
     def __init__(self, path: Path, dead_letter_path: Path) -> None:
         self._writer = OutputWriter(path)
-        self._dead = dead_letter_path.open("wb")
+        self._dead = StagedFile(dead_letter_path)
 
     @property
     def writes_lines(self) -> bool:
@@ -393,9 +393,14 @@ class _FileSink:
         if lines:
             self._dead.write(b"\n".join(lines) + b"\n")
 
-    async def close(self) -> None:
-        self._writer.close()
-        self._dead.close()
+    async def close(self, completed: bool) -> None:
+        """Move the files to their paths after a completed replay; remove them after a failed one."""
+        if completed:
+            self._writer.close()
+            self._dead.commit()
+        else:
+            self._writer.discard()
+            self._dead.discard()
 
 
 class _TopicSink(_FileSink):
@@ -404,7 +409,7 @@ class _TopicSink(_FileSink):
     def __init__(self, producer: AIOKafkaProducer, topic: str, dead_letter_path: Path, keep: bool) -> None:
         self._producer = producer
         self._topic = topic
-        self._dead = dead_letter_path.open("wb")
+        self._dead = StagedFile(dead_letter_path)
         self.produced_values: list[bytes] | None = [] if keep else None
 
     @property
@@ -422,8 +427,11 @@ class _TopicSink(_FileSink):
         if self.produced_values is not None:
             self.produced_values.extend(value for _, _, value in records)
 
-    async def close(self) -> None:
-        self._dead.close()
+    async def close(self, completed: bool) -> None:
+        if completed:
+            self._dead.commit()
+        else:
+            self._dead.discard()
 
 
 # -- the replay ------------------------------------------------------------------------------------------
@@ -605,12 +613,14 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
         logger.info("Replaying %s from %s to %s: %d offsets in %d partitions", ", ".join(spec.topics),
                     spec.start.describe(), spec.end.describe(), sum(r.size for r in result.ranges),
                     len(result.ranges))
+        completed = False
         try:
             await _process_rounds(reader, engine, model, sink, router, result, spec, batch_size,
                                   max_record_bytes, target_feature, progress)
+            completed = True
         finally:
             await reader.close()
-            await sink.close()
+            await sink.close(completed)
         if isinstance(sink, _TopicSink):
             result.output_values = sink.produced_values
     finally:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -172,17 +174,63 @@ def _read_parquet(path: Path, chunk_size: int, feature_names: tuple[str, ...] | 
         row += record_batch.num_rows
 
 
+def staging_path(path: Path) -> Path:
+    """Return the temporary name beside ``path`` under which an output file is written until it is complete."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+class StagedFile:
+    """A binary file that replaces ``path`` only on ``commit()``; ``discard()`` removes what was written.
+
+    The data goes to a temporary file beside ``path`` until then, so a run that fails part way (a missing
+    input, an error, Ctrl-C) leaves an earlier file at ``path`` as it was. Used as a context
+    manager, it commits on success and discards on an exception.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._staging = staging_path(self.path)
+        self._file = self._staging.open("wb")
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def commit(self) -> None:
+        self._file.close()
+        os.replace(self._staging, self.path)
+
+    def discard(self) -> None:
+        self._file.close()
+        self._staging.unlink(missing_ok=True)
+
+    def __enter__(self) -> StagedFile:
+        return self
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
 class OutputWriter:
-    """Write encoded JSON records to a JSON Lines or Parquet file."""
+    """Write encoded JSON records to a JSON Lines or Parquet file.
+
+    The records go to a temporary file beside the path; ``close()`` moves it to the path and ``discard()``
+    removes it, so an existing file at the path changes only when a run completes. Used as a context
+    manager, the writer closes on success and discards on an exception.
+    """
 
     def __init__(self, path: str | Path, parquet_rows_per_group: int = 65536) -> None:
         self.path = Path(path)
         self._suffix = _suffix(self.path, OUTPUT_SUFFIXES, "output")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._staging = staging_path(self.path)
         self._rows_per_group = parquet_rows_per_group
         self._pending: list[dict] = []
         self._parquet_writer = None
-        self._file = self.path.open("wb") if self._suffix != ".parquet" else None
+        self._file = self._staging.open("wb") if self._suffix != ".parquet" else None
         self.count = 0
 
     @property
@@ -227,28 +275,41 @@ class OutputWriter:
             targets = pa.list_(pa.float64())
             table = table.set_column(column, pa.field("target", targets), pa.nulls(len(table), targets))
         if self._parquet_writer is None:
-            self._parquet_writer = pq.ParquetWriter(self.path, table.schema)
+            self._parquet_writer = pq.ParquetWriter(self._staging, table.schema)
         self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
         self._pending = []
 
     def close(self) -> None:
+        """Finish the file and move it to its path."""
         if self._file is not None:
             self._file.close()
-            return
-        self._flush_parquet()
-        if self._parquet_writer is None:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.table({"entity": pa.array([], pa.string())}), self.path)
         else:
+            self._flush_parquet()
+            if self._parquet_writer is None:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                pq.write_table(pa.table({"entity": pa.array([], pa.string())}), self._staging)
+            else:
+                self._parquet_writer.close()
+        os.replace(self._staging, self.path)
+
+    def discard(self) -> None:
+        """Remove what was written; the file at the path, if any, stays as it was."""
+        if self._file is not None:
+            self._file.close()
+        elif self._parquet_writer is not None:
             self._parquet_writer.close()
+        self._staging.unlink(missing_ok=True)
 
     def __enter__(self) -> OutputWriter:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def read_outputs(path: str | Path) -> list[dict]:

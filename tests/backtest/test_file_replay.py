@@ -205,3 +205,37 @@ def test_parquet_binary_entities_and_nan_features(seed_net_factory, tmp_path):
     assert [o["entity"] for o in read_outputs(tmp_path / "out.jsonl")] == ["ok"]
     letters = [orjson.loads(line) for line in result.dead_letter_path.read_bytes().splitlines()]
     assert [letter["reason"] for letter in letters] == ["invalid_utf8", "non_finite_feature"]
+
+
+@pytest.mark.parametrize("failure", ["missing input", "unsupported input", "error part way"])
+def test_failed_run_leaves_earlier_outputs(case, tmp_path, monkeypatch, failure):
+    case_dir, _ = case
+    model = load_model(case_dir / "net.pt")
+    output = tmp_path / "out.jsonl"
+    first = run_file_backtest(model, case_dir / "events.jsonl", output)
+    outputs, letters = output.read_bytes(), first.dead_letter_path.read_bytes()
+    assert outputs and letters
+
+    if failure == "error part way":
+        calls = []
+
+        def process_then_fail(self, batch):
+            calls.append(len(batch))
+            if len(calls) > 1:
+                raise RuntimeError("interrupted")
+            return original(self, batch)
+
+        original = Engine.process
+        monkeypatch.setattr(Engine, "process", process_then_fail)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            run_file_backtest(model, case_dir / "events.jsonl", output, batch_size=2)
+    else:
+        other = tmp_path / ("typo.jsonl" if failure == "missing input" else "events.txt")
+        if failure == "unsupported input":
+            other.write_bytes(b"x")
+        with pytest.raises(ConfigError):
+            run_file_backtest(model, other, output)
+
+    assert output.read_bytes() == outputs
+    assert first.dead_letter_path.read_bytes() == letters
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.endswith(".partial")) == []

@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streamer.backtest.topic_replay import ROUND_EVENTS, TopicReplaySpec, parse_range_bound, run_topic_backtest
+from streamer.engine import Engine
 from streamer.errors import ConfigError
 from streamer.io.files import read_outputs
 from streamer.model import load_model
@@ -108,6 +109,28 @@ def test_replay_twice_identical_bytes(kafka_bootstrap, events_topic, model_path,
     assert first.dead_letters == 1
     assert (tmp_path / "first.jsonl").read_bytes() == (tmp_path / "second.jsonl").read_bytes()
     assert (tmp_path / "first.dead-letter.jsonl").read_bytes() == (tmp_path / "second.dead-letter.jsonl").read_bytes()
+
+
+def test_failed_replay_leaves_earlier_outputs(kafka_bootstrap, events_topic, model_path, tmp_path, monkeypatch):
+    output = tmp_path / "out.jsonl"
+    replay(kafka_bootstrap, model_path, (events_topic,), output, batch_size=16)
+    outputs, letters = output.read_bytes(), (tmp_path / "out.dead-letter.jsonl").read_bytes()
+    calls = []
+    original = Engine.process
+
+    def process_then_fail(self, batch):
+        calls.append(len(batch))
+        if len(calls) > 2:
+            raise RuntimeError("interrupted")
+        return original(self, batch)
+
+    monkeypatch.setattr(Engine, "process", process_then_fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        replay(kafka_bootstrap, model_path, (events_topic,), output, batch_size=16)
+
+    assert output.read_bytes() == outputs
+    assert (tmp_path / "out.dead-letter.jsonl").read_bytes() == letters
+    assert [path.name for path in tmp_path.iterdir() if path.name.endswith(".partial")] == []
 
 
 def test_replay_order_is_round_robin_by_partition(kafka_bootstrap, events_topic, model_path, tmp_path):
