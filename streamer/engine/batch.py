@@ -46,6 +46,16 @@ class EventBatch:
             targets=targets,
         )
 
+    def part(self, start: int, stop: int) -> EventBatch:
+        """Return the events at positions ``start`` to ``stop`` (exclusive) as a batch of their own."""
+        at = slice(start, stop)
+        return EventBatch(
+            entities=self.entities[at], features=self.features[at], ts_ms=self.ts_ms[at], resets=self.resets[at],
+            offsets=self.offsets[at], partitions=self.partitions[at],
+            targets=None if self.targets is None else self.targets[at],
+            record_index=None if self.record_index is None else self.record_index[at],
+        )
+
 
 @dataclass
 class StepResult:
@@ -65,3 +75,10 @@ class StepResult:
     @property
     def duplicates(self) -> int:
         return int(self.applied.size - np.count_nonzero(self.applied))
+
+    @classmethod
+    def concatenate(cls, results: list[StepResult]) -> StepResult:
+        """Join the results of consecutive parts of one batch."""
+        return cls(np.concatenate([r.predictions for r in results]), np.concatenate([r.steps for r in results]),
+                   np.concatenate([r.applied for r in results]), waves=sum(r.waves for r in results),
+                   inference_s=sum(r.inference_s for r in results))

@@ -55,7 +55,18 @@ class Engine:
         self._last_expiry_ms = NO_TIME
 
     def process(self, batch: EventBatch) -> StepResult:
-        """Apply ``batch`` in arrival order and return predictions, step counts and the applied mask."""
+        """Apply ``batch`` in arrival order and return predictions, step counts and the applied mask.
+
+        Under a capacity bound, a batch with more distinct entities than the capacity is applied in
+        consecutive parts that each fit, so that no part evicts an entity it still has events for.
+        """
+        capacity = self.arena.capacity
+        if capacity is not None and len(batch) > capacity and len(set(batch.entities)) > capacity:
+            return StepResult.concatenate([self._process(batch.part(start, stop))
+                                           for start, stop in _parts_within(batch.entities, capacity)])
+        return self._process(batch)
+
+    def _process(self, batch: EventBatch) -> StepResult:
         n = len(batch)
         output_size = self.model.manifest.output_size
         predictions = np.full((n, output_size), np.nan, np.float32)
@@ -68,16 +79,21 @@ class Engine:
         every_event = bool(applied.all())
         positions = np.arange(n) if every_event else applied.nonzero()[0]
         waves = plan_waves(slots if every_event else slots[positions])
+        watermarks = self._watermarks_before(batch.ts_ms, applied) if self.idle_expiry_ms is not None else None
         started = time.perf_counter()
         # One wave of every event, the common case, indexes with a slice, which copies no arrays.
         whole_batch = len(waves) == 1 and every_event
+        step_fn = self._step_stateful if self.semantics == "stateful" else self._step_window
         with torch.inference_mode():
             for wave in waves:
                 at = slice(None) if whole_batch else positions[wave]
-                step_fn = self._step_stateful if self.semantics == "stateful" else self._step_window
-                y = step_fn(slots[at], batch.features[at], batch.resets[at])
+                wave_slots = slots[at]
+                resets = batch.resets[at]
+                if watermarks is not None:
+                    resets = resets | self._restart_expired(wave_slots, watermarks[at])
+                y = step_fn(wave_slots, batch.features[at], resets)
                 predictions[at] = y.cpu().numpy()
-                steps[at] = self._advance_metadata(slots[at], batch, at)
+                steps[at] = self._advance_metadata(wave_slots, batch, at, resets)
         inference_s = time.perf_counter() - started
         self._expire_idle()
         return StepResult(predictions, steps, applied, waves=len(waves), inference_s=inference_s)
@@ -111,9 +127,32 @@ class Engine:
         windows = ring[torch.from_numpy(rows).to(device)[:, None], torch.from_numpy(order).to(device)]
         return self.model.forward_windows(windows, torch.from_numpy(lengths).to(device))
 
-    def _advance_metadata(self, slots: np.ndarray, batch: EventBatch, at: np.ndarray) -> np.ndarray:
+    def _watermarks_before(self, ts_ms: np.ndarray, applied: np.ndarray) -> np.ndarray:
+        """Return, for each event of a batch, the largest ``ts`` applied before it (``NO_TIME`` if none)."""
+        seen = np.maximum.accumulate(np.where(applied, ts_ms, NO_TIME))
+        before = np.empty_like(seen)
+        before[0] = self.watermark_ms
+        np.maximum(seen[:-1], self.watermark_ms, out=before[1:])
+        return before
+
+    def _restart_expired(self, slots: np.ndarray, watermarks: np.ndarray) -> np.ndarray:
+        """Return which events find their entity expired, and forget those entities' last event times.
+
+        An entity expires when the largest ``ts`` applied before its event exceeds its own last event time by
+        more than the idle expiry. Such an event starts from zero state, as it would after ``_expire_idle``
+        had removed the entity, so outputs do not depend on where batches end.
+        """
+        last = self.arena.last_event_ms[slots]
+        expired = (last != NO_TIME) & (last + self.idle_expiry_ms < watermarks)
+        if expired.any():
+            self.arena.last_event_ms[slots[expired]] = NO_TIME
+            self.arena.expirations += int(np.count_nonzero(expired))
+        return expired
+
+    def _advance_metadata(self, slots: np.ndarray, batch: EventBatch, at: np.ndarray, resets: np.ndarray
+                          ) -> np.ndarray:
         arena = self.arena
-        new_steps = np.where(batch.resets[at], 0, arena.steps[slots]) + 1
+        new_steps = np.where(resets, 0, arena.steps[slots]) + 1
         arena.steps[slots] = new_steps
         arena.last_offset[slots] = batch.offsets[at]
         ts = batch.ts_ms[at]
@@ -134,3 +173,16 @@ class Engine:
         expired = self.arena.expire(self.watermark_ms, idle_ms)
         if expired:
             logger.debug("Expired %d entities idle for more than %d ms of event time", expired, idle_ms)
+
+
+def _parts_within(entities: list[str], capacity: int) -> list[tuple[int, int]]:
+    """Split positions into consecutive ``(start, stop)`` ranges of at most ``capacity`` distinct entities."""
+    parts, seen, start = [], set(), 0
+    for position, entity in enumerate(entities):
+        if entity not in seen:
+            if len(seen) == capacity:
+                parts.append((start, position))
+                seen, start = set(), position
+            seen.add(entity)
+    parts.append((start, len(entities)))
+    return parts

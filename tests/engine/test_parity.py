@@ -107,6 +107,49 @@ def test_outputs_independent_of_batch_split(seed_net_factory, semantics):
     assert np.abs(one_by_one - mixed).max() < TOLERANCE
 
 
+def expiry_resets(entities, ts, idle_ms):
+    """Where an event finds its entity expired: the largest earlier ts exceeds the entity's last ts by > idle_ms."""
+    last: dict[str, int] = {}
+    largest = None
+    restarts = []
+    for entity, time_ms in zip(entities, ts):
+        restarts.append(entity in last and largest is not None and last[entity] + idle_ms < largest)
+        last[entity] = time_ms if restarts[-1] or entity not in last else max(last[entity], time_ms)
+        largest = time_ms if largest is None else max(largest, time_ms)
+    return np.array(restarts)
+
+
+@pytest.mark.parametrize("semantics", ["stateful", "window"])
+def test_idle_expiry_independent_of_batch_split(seed_net_factory, semantics):
+    net, path = seed_net_factory("lstm")
+    rng = np.random.default_rng(8)
+    entities, features, resets = make_stream(rng, 300, 10, 4, reset_rate=0.02)
+    # Mostly increasing event times with some older ones, so that entities go idle and come back.
+    ts = (np.arange(300) * 10 + rng.integers(-40, 40, 300)).astype(np.int64)
+    idle_ms = 150
+    model = load_model(path, seq_len=5)
+    runs = []
+    for batch_sizes in ([1], [300], [4, 29, 1, 77]):
+        engine = Engine(model, semantics, idle_expiry_ms=idle_ms)
+        start, turn, predictions, steps = 0, 0, [], []
+        while start < len(entities):
+            stop = min(start + batch_sizes[turn % len(batch_sizes)], len(entities))
+            result = engine.process(EventBatch.build(entities[start:stop], features[start:stop],
+                                                     resets=resets[start:stop], ts_ms=ts[start:stop],
+                                                     offsets=np.arange(start, stop)))
+            predictions.append(result.predictions)
+            steps.append(result.steps)
+            start, turn = stop, turn + 1
+        runs.append((np.concatenate(predictions), np.concatenate(steps), engine.arena.expirations))
+    restarts = expiry_resets(entities, ts, idle_ms)
+    assert 10 < restarts.sum() < 200
+    expected = reference(net, entities, features, resets | restarts, window=5 if semantics == "window" else None)
+    for predictions, steps, expirations in runs:
+        assert np.abs(predictions - expected).max() < TOLERANCE
+        assert np.array_equal(steps, runs[0][1])
+        assert expirations >= restarts.sum()
+
+
 def test_repeated_entity_in_one_batch_applied_in_order(seed_net_factory):
     net, path = seed_net_factory("lstm")
     features = np.random.default_rng(2).normal(size=(5, 4)).astype(np.float32)

@@ -89,6 +89,26 @@ def test_capacity_smaller_than_batch_raises():
         arena.assign(["a", "b", "c"])
 
 
+def test_engine_applies_a_batch_wider_than_the_capacity_in_parts(seed_net_factory):
+    _, path = seed_net_factory()
+    model = load_model(path)
+    entities = ["a", "b", "a", "c", "d", "b", "e", "f", "a", "g"]
+    features = np.random.default_rng(3).normal(size=(len(entities), 4)).astype(np.float32)
+    bounded = Engine(model, capacity=3)
+    result = bounded.process(EventBatch.build(entities, features))
+    # Parts of at most three distinct entities: a b a c | d b e | f a g
+    expected = Engine(model, capacity=3)
+    parts = [expected.process(EventBatch.build(entities[start:stop], features[start:stop],
+                                               offsets=np.arange(start, stop)))
+             for start, stop in ((0, 4), (4, 7), (7, 10))]
+    assert result.applied.all()
+    assert result.steps.tolist() == np.concatenate([part.steps for part in parts]).tolist()
+    assert result.steps[:4].tolist() == [1, 1, 2, 1]
+    assert np.array_equal(result.predictions, np.concatenate([part.predictions for part in parts]))
+    assert len(bounded.arena) <= 3
+    assert bounded.arena.evictions == expected.arena.evictions > 0
+
+
 def test_evicted_slot_reused_from_zero():
     arena = make_arena(capacity=1)
     slot = arena.assign(["a"])
