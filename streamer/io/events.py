@@ -53,15 +53,13 @@ class DeadLetter:
     message: str
 
 
-def _reject_constant(name: str) -> None:
-    raise InvalidEventError(f"Invalid number {name}: features must be finite", reason=errors.NON_FINITE_FEATURE)
-
-
 def _parse_json(value: bytes) -> Any:
     """Parse with orjson; on failure, find the precise reason with the standard library parser.
 
-    orjson rejects NaN, Infinity and numbers that overflow a double; the standard parser reports the first two
-    through ``parse_constant`` and parses the third as infinity, which the finiteness check then rejects.
+    orjson rejects NaN, Infinity and numbers that overflow a double, which Python's ``json.dumps`` writes
+    for non-finite floats. The standard parser reads them as floats, so that the check of the field that
+    holds one names the reason (a non-finite feature, target or timestamp), and a field the event does not
+    use may hold one.
     """
     try:
         return orjson.loads(value)
@@ -72,7 +70,7 @@ def _parse_json(value: bytes) -> Any:
             raise InvalidEventError(f"Invalid UTF-8 at byte {decode_error.start}",
                                     reason=errors.INVALID_UTF8) from None
         try:
-            return json.loads(text, parse_constant=_reject_constant)
+            return json.loads(text)
         except json.JSONDecodeError:
             raise InvalidEventError(f"Invalid JSON: {error}", reason=errors.INVALID_JSON) from None
 
@@ -188,7 +186,7 @@ class EventDecoder:
                                         reason=errors.FEATURE_COUNT)
         if not all(map(_is_number, features)):
             bad = next(value for value in features if not _is_number(value))
-            raise InvalidEventError(f"Invalid feature {str(bad)[:32]!r}: expected a number",
+            raise InvalidEventError(f"Invalid feature value {json.dumps(bad)[:32]}: expected a number",
                                     reason=errors.INVALID_FEATURES)
         return features
 
@@ -335,8 +333,10 @@ class EventDecoder:
         if not finite.all():
             for position in np.flatnonzero(~finite).tolist():
                 index = kept[position]
+                row = features[position]
+                bad = row[~(np.isfinite(row) & (np.abs(row) <= _FLOAT32_MAX))][0]
                 dead.append(DeadLetter(index, keys[index], values[index], errors.NON_FINITE_FEATURE,
-                                       "Invalid feature: not a finite float32 number"))
+                                       f"Invalid feature {float(bad)!r}: not a finite float32 number"))
             dead.sort(key=lambda letter: letter.index)
             entities = [entity for entity, ok in zip(entities, finite) if ok]
             targets = [target for target, ok in zip(targets, finite) if ok]

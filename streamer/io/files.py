@@ -23,6 +23,7 @@ from streamer.errors import ConfigError
 
 INPUT_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet")
 OUTPUT_SUFFIXES = (".jsonl", ".ndjson", ".parquet")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -70,6 +71,8 @@ def _read_json_lines(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
     with path.open("rb") as file:
         for line_number, line in enumerate(file):
             line = line.rstrip(b"\r\n")
+            if line_number == 0 and line.startswith(_UTF8_BOM):
+                line = line[len(_UTF8_BOM):]  # some editors start a UTF-8 file with a byte order mark
             if not line.strip():
                 continue  # blank lines separate nothing and are not records
             chunk.values.append(line)
@@ -79,6 +82,34 @@ def _read_json_lines(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
                 chunk = RecordChunk([], [])
     if chunk.values:
         yield chunk
+
+
+def _numbered_columns(columns: list[str]) -> list[str]:
+    """Return the columns named ``f0``, ``f1``, ... in numeric order: the features of a file without a
+    ``features`` column."""
+    return sorted((c for c in columns if c[:1] == "f" and c[1:].isdigit()), key=lambda c: int(c[1:]))
+
+
+def _has_non_finite(document: dict) -> bool:
+    for value in document.values():
+        if type(value) is float:
+            if not math.isfinite(value):
+                return True
+        elif type(value) is list and any(type(v) is float and not math.isfinite(v) for v in value):
+            return True
+    return False
+
+
+def _dumps_row(document: dict, default=None) -> bytes:
+    """Encode a CSV or Parquet row as a JSON record.
+
+    orjson writes non-finite floats as null. Rows with one are written by the standard library instead, as
+    ``NaN``, ``Infinity`` or ``-Infinity``, so that the event decoder names the field that holds the value and
+    the dead letter keeps it.
+    """
+    if _has_non_finite(document):
+        return json.dumps(document, default=default, ensure_ascii=False).encode("utf-8", "surrogateescape")
+    return orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS, default=default)
 
 
 def _csv_value(text: str) -> Any:
@@ -105,7 +136,7 @@ def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None
     with path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
         reader = csv.DictReader(file)
         columns = reader.fieldnames or []
-        numbered = sorted((c for c in columns if c[:1] == "f" and c[1:].isdigit()), key=lambda c: int(c[1:]))
+        numbered = _numbered_columns(columns)
         for row in reader:
             # DictReader fills missing cells with None and puts extra cells in a list under the key None.
             if None in row or None in row.values():
@@ -120,7 +151,7 @@ def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None
                 if "features" not in document and not feature_names and numbered:
                     document["features"] = [document.pop(column) for column in numbered]
                 try:
-                    value = orjson.dumps(document)
+                    value = _dumps_row(document)
                 except TypeError:
                     value = str(document).encode("utf-8", "replace")  # not JSON at all: the decoder rejects it
             chunk.values.append(value)
@@ -139,13 +170,6 @@ def _parquet_cell(value: Any) -> Any:
     return str(value)
 
 
-def _non_finite_feature(document: dict, feature_names: tuple[str, ...] | None) -> bool:
-    values = document.get("features")
-    values = list(values) if isinstance(values, list) else []
-    values += [document.get(name) for name in feature_names or ()]
-    return any(isinstance(value, float) and not math.isfinite(value) for value in values)
-
-
 def _read_parquet(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None) -> Iterator[RecordChunk]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -154,17 +178,19 @@ def _read_parquet(path: Path, chunk_size: int, feature_names: tuple[str, ...] | 
         parquet = pq.ParquetFile(path)
     except pa.ArrowInvalid as error:
         raise ConfigError(f"Cannot read Parquet file {path}: {error}") from None
+    columns = parquet.schema_arrow.names
+    numbered = _numbered_columns(columns) if "features" not in columns and not feature_names else []
     row = 0
     for record_batch in parquet.iter_batches(batch_size=chunk_size):
         chunk = RecordChunk([], list(range(row, row + record_batch.num_rows)))
         for position, document in enumerate(record_batch.to_pylist()):
-            # JSON has no NaN or infinity (orjson writes null), so the reader names such features itself.
-            if _non_finite_feature(document, feature_names):
-                chunk.invalid[position] = (errors.NON_FINITE_FEATURE, "Invalid feature: not a finite number")
+            if numbered:
+                document["features"] = [document.pop(column) for column in numbered]
             try:
-                value = orjson.dumps(document, option=orjson.OPT_NON_STR_KEYS, default=_parquet_cell)
-            except orjson.JSONEncodeError as error:
-                if isinstance(error.__cause__, UnicodeDecodeError):
+                value = _dumps_row(document, default=_parquet_cell)
+            except (TypeError, ValueError) as error:  # orjson's and json's encode errors, and UnicodeDecodeError
+                cause = error if isinstance(error, UnicodeDecodeError) else error.__cause__
+                if isinstance(cause, UnicodeDecodeError):
                     chunk.invalid[position] = (errors.INVALID_UTF8, "Invalid cell: binary data that is not UTF-8")
                 else:
                     chunk.invalid[position] = (errors.INVALID_JSON, f"Invalid cell: {error}")

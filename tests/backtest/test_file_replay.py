@@ -1,5 +1,6 @@
 """File backtests: the bad-input case, determinism, input and output formats."""
 
+import base64
 import json
 import subprocess
 import sys
@@ -205,6 +206,47 @@ def test_parquet_binary_entities_and_nan_features(seed_net_factory, tmp_path):
     assert [o["entity"] for o in read_outputs(tmp_path / "out.jsonl")] == ["ok"]
     letters = [orjson.loads(line) for line in result.dead_letter_path.read_bytes().splitlines()]
     assert [letter["reason"] for letter in letters] == ["invalid_utf8", "non_finite_feature"]
+
+
+def test_csv_non_finite_cells_named_by_field(seed_net_factory, tmp_path):
+    outputs, letters = csv_backtest(seed_net_factory, tmp_path,
+                                    "entity,f0,f1,target,note\na,NaN,2,1,x\nb,1,inf,1,x\nc,1,2,NaN,x\n"
+                                    "d,1,2,1,NaN\n")
+
+    assert [o["entity"] for o in outputs] == ["d"]
+    assert [letter["reason"] for letter in letters] == ["non_finite_feature", "non_finite_feature",
+                                                        "invalid_target"]
+    assert "Invalid feature nan" in letters[0]["message"]
+    # The dead letter keeps the value that was in the file.
+    assert b'"features": [NaN, 2]' in base64.b64decode(letters[0]["value_base64"])
+
+
+def test_json_lines_byte_order_mark_skipped(seed_net_factory, tmp_path):
+    _, path = seed_net_factory(input_dim=2)
+    (tmp_path / "in.jsonl").write_bytes(b'\xef\xbb\xbf{"entity": "a", "features": [1, 2]}\n')
+
+    result = run_file_backtest(load_model(path), tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+
+    assert result.dead_letters == 0
+    assert [o["entity"] for o in read_outputs(tmp_path / "out.jsonl")] == ["a"]
+
+
+def test_parquet_numbered_feature_columns(seed_net_factory, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, path = seed_net_factory(input_dim=2)
+    pq.write_table(pa.table({"entity": ["a", "b"], "f1": [2.0, 4.0], "f0": [1.0, 3.0]}), tmp_path / "cols.parquet")
+    pq.write_table(pa.table({"entity": ["a", "b"], "features": [[1.0, 2.0], [3.0, 4.0]]}), tmp_path / "list.parquet")
+    model = load_model(path)
+
+    result = run_file_backtest(model, tmp_path / "cols.parquet", tmp_path / "cols.jsonl")
+    run_file_backtest(model, tmp_path / "list.parquet", tmp_path / "list.jsonl")
+
+    assert result.dead_letters == 0
+    columns, lists = read_outputs(tmp_path / "cols.jsonl"), read_outputs(tmp_path / "list.jsonl")
+    assert [o["prediction"] for o in columns] == [o["prediction"] for o in lists]
+    assert len(columns) == 2
 
 
 @pytest.mark.parametrize("failure", ["missing input", "unsupported input", "error part way"])

@@ -79,6 +79,11 @@ BAD_RECORDS = [
     (b'{"entity": "\\ud800", "features": [1, 2, 3]}', errors.INVALID_ENTITY),
     (b'{"entity": "a", "features": [1, 2, 3], "reset": "yes"}', errors.INVALID_RESET),
     (b'{"entity": "a", "features": [1, 2, 3], "target": "high"}', errors.INVALID_TARGET),
+    (b'{"entity": "a", "features": [1, 2, 3], "target": NaN}', errors.INVALID_TARGET),
+    (b'{"entity": "a", "features": [1, 2, 3], "target": [1, -Infinity]}', errors.INVALID_TARGET),
+    (b'{"entity": "a", "features": [1, 2, 3], "ts": NaN}', errors.INVALID_TIMESTAMP),
+    (b'{"entity": NaN, "features": [1, 2, 3]}', errors.INVALID_ENTITY),
+    (b'{"entity": "a", "features": [1, 2, 3], "reset": NaN}', errors.INVALID_RESET),
     (b'{"entity": "\xff\xfe", "features": [1, 2, 3]}', errors.INVALID_UTF8),
     (b'{"entity": "a", "features": [' + b"0, " * 1000 + b"0]}", errors.RECORD_TOO_LARGE),
     (None, errors.NOT_AN_OBJECT),
@@ -154,3 +159,20 @@ def test_target_length_must_match_outputs():
     assert [(letter.index, letter.reason) for letter in dead] == [(1, errors.INVALID_TARGET),
                                                                  (2, errors.INVALID_TARGET)]
     assert "the model has 2 outputs" in dead[0].message
+
+
+def test_non_finite_number_in_an_unused_field_accepted(decoder):
+    # Python's json.dumps writes NaN and Infinity; only the fields an event uses must be finite.
+    values = [b'{"entity": "a", "features": [1, 2, 3], "note": NaN, "extra": [Infinity]}', event(entity="b")]
+    batch, dead = decoder.decode([None, None], values, None, [0, 1])
+    assert dead == []
+    assert batch.entities == ["a", "b"]
+
+
+@pytest.mark.parametrize("value,shown", [(b'{"entity": "a", "features": [1, 1e999, 3]}', "inf"),
+                                         (b'{"entity": "a", "features": [1, 2, -1e300]}', "-1e+300"),
+                                         (b'{"entity": "a", "features": [1, "2", 3]}', '"2"'),
+                                         (b'{"entity": "a", "features": [1, null, 3]}', "null")])
+def test_bad_feature_message_shows_the_value(decoder, value, shown):
+    _, dead = decoder.decode([None], [value], None, [0])
+    assert f"Invalid feature {shown}" in dead[0].message or f"Invalid feature value {shown}" in dead[0].message
