@@ -28,10 +28,18 @@ def _check_tensors(state_dict: Mapping[str, Any]) -> None:
     if not state_dict:
         raise ModelError("Invalid model file: the state_dict is empty")
     for key, value in state_dict.items():
+        if isinstance(value, Mapping):
+            raise ModelError(f"Invalid state_dict entry {key!r}: expected a tensor, found a mapping; a training "
+                             f"checkpoint that holds the state_dict under {key!r} can be served after saving that "
+                             f"entry alone: torch.save(checkpoint[{key!r}], path)")
         if not isinstance(value, torch.Tensor):
             raise ModelError(f"Invalid state_dict entry {key!r}: expected a tensor, found {type(value).__name__}")
         if not value.is_floating_point():
             raise ModelError(f"Invalid state_dict entry {key!r}: expected floating-point weights, found {value.dtype}")
+        finite = torch.isfinite(value)
+        if not bool(finite.all()):
+            raise ModelError(f"Invalid state_dict entry {key!r}: {value.numel() - int(finite.sum())} of "
+                             f"{value.numel()} weights are NaN or infinite")
 
 
 def _split_keys(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, dict[tuple[str, int], torch.Tensor], list[str]]:
@@ -192,8 +200,13 @@ def read_model_file(path: str | Path) -> tuple[ModelManifest, dict[str, torch.Te
         expected = "expected a state_dict saved with torch.save(net.state_dict(), path) or a streamer bundle"
         # torch.save writes a zip archive. torch's own message for a weights-only failure suggests
         # weights_only=False, which would run code from the file, so it is replaced.
-        if not zipfile.is_zipfile(path):
-            reason = "not a file written by torch.save (not a zip archive)"
+        if path.stat().st_size == 0:
+            reason = "the file is empty"
+        elif not zipfile.is_zipfile(path):
+            with path.open("rb") as file:
+                zip_start = file.read(4) == b"PK\x03\x04"
+            reason = ("a zip archive without its end, as a truncated copy or an unfinished download is" if zip_start
+                      else "not a file written by torch.save (not a zip archive)")
         elif isinstance(error, pickle.UnpicklingError):
             reason = ("it contains Python objects, not only tensors (a whole module saved with torch.save(net) "
                       "is one)")

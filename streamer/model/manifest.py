@@ -45,10 +45,12 @@ class ModelManifest:
             raise ModelError(f"Invalid manifest field seq_len={self.seq_len!r}: expected a positive integer")
         if self.feature_names is not None:
             object.__setattr__(self, "feature_names", tuple(self.feature_names))
-            if len(self.feature_names) != self.input_size or len(set(self.feature_names)) != self.input_size:
-                raise ModelError(
-                    f"Invalid feature_names {list(self.feature_names)}: expected {self.input_size} distinct names"
-                )
+            names = list(self.feature_names)
+            if len(set(names)) != len(names):
+                raise ModelError(f"Invalid feature_names {names}: the names must be distinct")
+            if len(names) != self.input_size:
+                raise ModelError(f"Inconsistent manifest: feature_names {names} has {len(names)} entries, but "
+                                 f"input_size is {self.input_size}; one of the two is wrong")
         self._check_scaling("input_mean", self.input_size)
         self._check_scaling("input_std", self.input_size, positive=True)
         self._check_scaling("output_mean", self.output_size)

@@ -92,6 +92,20 @@ def test_non_float_weights_rejected():
         parse_state_dict(state_dict)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_rejected(value):
+    state_dict = _seed_state_dict()
+    state_dict["fc.bias"] = torch.full_like(state_dict["fc.bias"], value)
+    with pytest.raises(ModelError, match=r"'fc\.bias': 1 of 1 weights are NaN or infinite"):
+        parse_state_dict(state_dict)
+
+
+def test_training_checkpoint_names_the_entry_to_save(tmp_path):
+    torch.save({"state_dict": _seed_state_dict(), "epoch": 3}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ModelError, match=r"torch.save\(checkpoint\['state_dict'\], path\)"):
+        load_model(tmp_path / "checkpoint.pt")
+
+
 def test_cell_name_inconsistent_with_gate_rows():
     gru = nn.GRU(3, 8, batch_first=True)
     state_dict = {**{f"lstm.{k}": v for k, v in gru.state_dict().items()},
@@ -117,6 +131,15 @@ def test_missing_and_foreign_files(tmp_path):
         load_model(garbage)
     assert "whole module" not in str(raised.value)
     assert "weights_only" not in str(raised.value)
+    empty = tmp_path / "empty.pt"
+    empty.touch()
+    with pytest.raises(ModelError, match="the file is empty"):
+        load_model(empty)
+    torch.save(_seed_state_dict(), tmp_path / "whole.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tmp_path / "whole.pt").read_bytes()[:2000])
+    with pytest.raises(ModelError, match="a zip archive without its end"):
+        load_model(truncated)
 
 
 def test_whole_module_file_names_the_fix(tmp_path):
@@ -146,8 +169,10 @@ def test_manifest_validation():
         ModelManifest("lstm2", 1, 1, 1, 1)
     with pytest.raises(ModelError, match="input_std"):
         ModelManifest("lstm", 2, 1, 1, 1, input_std=(1.0, 0.0))
-    with pytest.raises(ModelError, match="feature_names"):
+    with pytest.raises(ModelError, match=r"feature_names \['a'\] has 1 entries, but input_size is 2"):
         ModelManifest("lstm", 2, 1, 1, 1, feature_names=("a",))
+    with pytest.raises(ModelError, match="must be distinct"):
+        ModelManifest("lstm", 2, 1, 1, 1, feature_names=("a", "a"))
 
 
 def test_seed_net_forward_matches_manual_loop(seed_net_factory):
