@@ -48,9 +48,13 @@ def backtest(
     input: Optional[Path] = typer.Option(None, "--input", help="Events: .jsonl, .csv or .parquet, read in file order."),
     topic: Optional[list[str]] = typer.Option(None, "--topic", help="Replay this Kafka topic instead of a file "
                                               "(repeat for several topics)."),
-    bootstrap_servers: Optional[str] = typer.Option(None, help="Kafka bootstrap servers (host:port,...) for --topic."),
+    bootstrap_servers: Optional[str] = typer.Option(None, help="Kafka bootstrap servers (host:port,...) for --topic "
+                                                    "(default: the local broker started with `streamer kafka "
+                                                    "start`)."),
     from_: str = typer.Option("earliest", "--from", help="Range start for --topic: earliest, latest, epoch ms, "
-                              "ISO-8601 (UTC when no zone), or offsets per partition such as 0:100,1:250."),
+                              "ISO-8601 (UTC when no zone), or offsets per partition such as 0:100,1:250. Times "
+                              "compare with the Kafka record timestamps, not the events' ts fields; an offset "
+                              "list replays only the partitions it names."),
     to: str = typer.Option("latest", "--to", help="Range end for --topic, exclusive, in the forms of --from; "
                            "latest is the end offset when the replay starts."),
     output: Optional[Path] = typer.Option(None, help="Outputs: .jsonl or .parquet; dead letters go beside it."),
@@ -85,6 +89,9 @@ def backtest(
     if seq_len is not None and semantics == "stateful" and not compare_window:
         logging.getLogger(__name__).warning("--seq-len %d has no effect: stateful semantics uses no window; pass "
                                             "--semantics window or --compare-window to use it", seq_len)
+    if compare_window and semantics != "stateful":
+        raise ConfigError("--compare-window compares stateful outputs with window ones: use it with --semantics "
+                          "stateful (the default)")
     if topic:
         _backtest_topic(model=model, input=input, topics=topic, bootstrap_servers=bootstrap_servers, start=from_,
                         end=to, output=output, output_topic=output_topic,
@@ -94,7 +101,7 @@ def backtest(
                         initial_state=initial_state, request_timeout_ms=request_timeout_ms)
         return
     if input is None:
-        raise ConfigError("Missing input: pass --input FILE, or --topic with --bootstrap-servers")
+        raise ConfigError("Missing input: pass --input FILE, or --topic TOPIC")
     if output_topic is not None:
         raise ConfigError("Invalid --output-topic for a file backtest: pass --output FILE, or replay --topic")
     topic_only = {"--from": (from_, "earliest"), "--to": (to, "latest"), "--target": (target, "event"),
@@ -123,8 +130,7 @@ def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], boots
 
     if input is not None:
         raise ConfigError("Expected --input or --topic, got both: a backtest replays a file or topics")
-    if not bootstrap_servers:
-        raise ConfigError("Missing --bootstrap-servers: --topic needs the Kafka broker to read from")
+    bootstrap_servers = bootstrap_servers or _local_bootstrap_servers()
     spec = TopicReplaySpec(bootstrap_servers=bootstrap_servers, topics=tuple(topics),
                            start=parse_range_bound(start, "--from"), end=parse_range_bound(end, "--to"),
                            request_timeout_ms=request_timeout_ms)
@@ -214,9 +220,10 @@ def run(
 
 @app.command()
 def train(
-    output: Path = typer.Option(Path("out/fertility-lstm.pt"), help="Where to write the model bundle."),
+    output: Optional[Path] = typer.Option(None, help="Where to write the model bundle (default: "
+                                          "out/fertility-CELL.pt, for example out/fertility-lstm.pt)."),
     seq_len: int = typer.Option(8, min=1, help="Training window length (events)."),
-    hidden_size: int = typer.Option(32, min=1, help="LSTM hidden size."),
+    hidden_size: int = typer.Option(32, min=1, help="Hidden size of each recurrent layer."),
     layers: int = typer.Option(2, min=1, help="Stacked recurrent layers."),
     epochs: int = typer.Option(30, min=1, help="Training epochs."),
     cell: str = typer.Option("lstm", help="lstm, gru or rnn."),
@@ -226,6 +233,7 @@ def train(
     from streamer.train import train_bundle
 
     configure_logging()
+    output = output or Path(f"out/fertility-{cell}.pt")
     output.parent.mkdir(parents=True, exist_ok=True)
     result = train_bundle(output, seq_len=seq_len, hidden_size=hidden_size, num_layers=layers, epochs=epochs,
                           cell=cell, seed=seed)
@@ -251,19 +259,29 @@ def demo(
 def generate(
     output: Path = typer.Option(..., help="JSON Lines file to write."),
     events: int = typer.Option(1_000_000, min=1, help="Number of events."),
-    entities: int = typer.Option(10_000, min=1, help="Number of distinct entities."),
+    entities: int = typer.Option(10_000, min=1, help="Size of the entity pool: each event draws its entity from "
+                                 "e-0 to e-(N-1), so fewer than N appear when events are few."),
     input_size: int = typer.Option(8, min=1, help="Features per event."),
     seed: int = typer.Option(0, min=0, help="Random seed."),
-    zipf: Optional[float] = typer.Option(None, help="Zipf exponent for skewed entity popularity."),
+    zipf: Optional[float] = typer.Option(None, help="Zipf exponent for skewed entity popularity: entity k is "
+                                         "drawn with weight 1/(k+1)^ZIPF (a finite number > 0)."),
+    start_ts: Optional[int] = typer.Option(None, help="ts of the first event in epoch ms (default "
+                                           "1733300000000, 2024-12-04T08:13:20Z); each next event's is 1 ms later."),
 ) -> None:
     """Write a synthetic event stream for scale tests."""
-    from streamer.data.synthetic import write_synthetic
+    from streamer.data.synthetic import DEFAULT_START_TS, write_synthetic
+    from streamer.io.events import MAX_ABS_TIMESTAMP_MS
 
+    start_ts = DEFAULT_START_TS if start_ts is None else start_ts
+    if output.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise ConfigError(f"Unsupported --output {output}: generate writes JSON Lines (.jsonl)")
+    if zipf is not None and not 0 < zipf < float("inf"):
+        raise ConfigError(f"Invalid --zipf {zipf}: expected a finite number > 0")
+    if abs(start_ts) + events >= MAX_ABS_TIMESTAMP_MS:
+        raise ConfigError(f"Invalid --start-ts {start_ts}: the events' timestamps must stay within "
+                          f"+/-{MAX_ABS_TIMESTAMP_MS} ms")
     output.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        count = write_synthetic(output, events, entities, input_size, seed=seed, zipf_exponent=zipf)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    count = write_synthetic(output, events, entities, input_size, seed=seed, zipf_exponent=zipf, start_ts=start_ts)
     typer.echo(f"wrote {count} events to {output}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -125,8 +126,26 @@ def test_generate_rejects_zero_zipf_exponent(tmp_path):
     completed = streamer("generate", "--output", str(tmp_path / "g.jsonl"), "--events", "10", "--zipf", "0")
 
     assert completed.returncode == 2
-    assert "zipf_exponent must be a finite number > 0" in completed.stderr
+    assert "Invalid --zipf 0.0: expected a finite number > 0" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_generate_names_its_flags_in_errors_and_starts_at_start_ts(tmp_path):
+    completed = streamer("generate", "--output", str(tmp_path / "g.csv"), "--events", "10")
+    assert completed.returncode == 2
+    assert "Unsupported --output" in completed.stderr
+
+    completed = streamer("generate", "--output", str(tmp_path / "g.jsonl"), "--events", "3", "--start-ts", "1000")
+    assert completed.returncode == 0, completed.stderr
+    lines = (tmp_path / "g.jsonl").read_text().splitlines()
+    assert [json.loads(line)["ts"] for line in lines] == [1000, 1001, 1002]
+
+
+def test_compare_window_needs_stateful_semantics(tmp_path):
+    completed = streamer("backtest", "--model", str(tmp_path / "m.pt"), "--input", str(tmp_path / "in.jsonl"),
+                         "--output", str(tmp_path / "out.jsonl"), "--semantics", "window", "--compare-window")
+    assert completed.returncode == 2
+    assert "--compare-window compares stateful outputs with window ones" in completed.stderr
 
 
 def test_train_creates_the_output_directory(tmp_path):

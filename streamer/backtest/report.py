@@ -263,7 +263,7 @@ def format_summary(summary: Mapping) -> str:
     lines = [", ".join(counts)]
     mape = _format_number(metrics.get("mape_percent"), ".2f")
     scored, records = summary.get("scored_records"), summary.get("records")
-    scope = (f"{scored} of {records} records (the others have no target)"
+    scope = (f"{scored} of {records} records (the others have no target or a non-finite prediction)"
              if isinstance(scored, int) and isinstance(records, int) and scored < records else f"{scored} records")
     accuracy = (
         f"scored {scope}: MAE {_format_number(metrics.get('mae'))}, "

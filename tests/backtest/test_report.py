@@ -232,7 +232,7 @@ def test_format_summary_counts_records_without_target():
 
     text = format_summary(summary)
 
-    assert "scored 3 of 5 records (the others have no target):" in text
+    assert "scored 3 of 5 records (the others have no target or a non-finite prediction):" in text
 
 
 def _divergence_runs():
