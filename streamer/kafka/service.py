@@ -133,6 +133,8 @@ class StreamerService:
         self._rejoin_reason: str | None = None
         self._fatal_error: StateError | None = None
         self._in_flight: deque[_InFlightBatch] = deque()
+        # Set when the broker rejected the producer's batches in a way that only a new producer recovers from.
+        self._producer_out_of_step = False
         self._background_checkpoint: asyncio.Task | None = None
         self._last_snapshot = time.monotonic()
         self._last_lag_update = 0.0
@@ -224,7 +226,7 @@ class StreamerService:
             logger.info("Stopped before %s: %s", stage, error)
             return False
 
-    async def _start_clients(self) -> None:
+    def _new_producer(self) -> AIOKafkaProducer:
         settings = self.settings
         producer_options = dict(
             bootstrap_servers=settings.bootstrap_servers, enable_idempotence=True, acks="all",
@@ -236,7 +238,12 @@ class StreamerService:
             producer_options["transactional_id"] = self._transactional_id
             # An abandoned transaction blocks read_committed readers and restores until this timeout ends it.
             producer_options["transaction_timeout_ms"] = TRANSACTION_TIMEOUT_MS
-        self.producer = AIOKafkaProducer(**producer_options)
+        return AIOKafkaProducer(**producer_options)
+
+    async def _start_clients(self) -> None:
+        settings = self.settings
+        self.producer = self._new_producer()
+        self._producer_out_of_step = False
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
@@ -811,12 +818,38 @@ class StreamerService:
         settings = self.settings
 
         async def send_and_wait() -> None:
-            futures = await send_records(self.producer, settings.output_topic, outputs)
-            futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
-            await asyncio.gather(*futures)
+            if self._producer_out_of_step:
+                await self._replace_producer()
+            try:
+                futures = await send_records(self.producer, settings.output_topic, outputs)
+                futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
+                await asyncio.gather(*futures)
+            except KafkaError as error:
+                if error.retriable:
+                    raise
+                # A batch that expired unacknowledged (KafkaTimeoutError) still used up its sequence numbers,
+                # so the broker rejects the producer's next batches (OutOfOrderSequenceNumber) for good.
+                self._producer_out_of_step = True
+                raise BrokerError(f"{error!r}; the next attempt starts a new producer") from error
 
         await retry("produce outputs", send_and_wait, timeout_s=2 * settings.request_timeout_ms / 1000,
                     stopping=self._past_deadline, on_retry=self._count_retry)
+
+    async def _replace_producer(self) -> None:
+        """Stop the at-least-once producer and start a new one, whose batches start a new sequence."""
+        logger.warning("Starting a new producer: the broker rejected the last one's batches")
+        try:
+            await asyncio.wait_for(self.producer.stop(), self.settings.request_timeout_ms / 1000)
+        except (KafkaError, asyncio.TimeoutError, OSError) as error:
+            logger.warning("Stopping the previous producer failed: %r", error)
+        producer = self._new_producer()
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+        self.producer = self.checkpointer.producer = producer
+        self._producer_out_of_step = False
 
     def _record_batch(self, fetched: FetchedBatch, result: StepResult, dead: list[DeadLetter], produced: int
                       ) -> None:

@@ -82,3 +82,54 @@ def test_loop_runs_during_pending_commit(kafka_bootstrap, tmp_path):
         assert sum(offset or 0 for offset in committed.values()) == 500
 
     asyncio.run(scenario())
+
+
+def test_rejected_producer_is_replaced_and_outputs_delivered(kafka_bootstrap, tmp_path, monkeypatch):
+    """After a batch expires unacknowledged, the broker rejects the idempotent producer's next batches for good
+    (OutOfOrderSequenceNumber); the service starts a new producer and delivers every output."""
+    from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
+
+    from streamer.kafka import service as service_module
+
+    torch.manual_seed(6)
+    model_path = tmp_path / "net.pt"
+    torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
+    suffix = uuid.uuid4().hex[:8]
+    settings = Settings(model=model_path, bootstrap_servers=kafka_bootstrap, input_topics=[f"rp-in-{suffix}"],
+                        output_topic=f"rp-out-{suffix}", dead_letter_topic=f"rp-dlq-{suffix}",
+                        group_id=f"rp-group-{suffix}", topic_partitions=PARTITIONS, checkpoint_interval_ms=100,
+                        request_timeout_ms=5_000, metrics_port=free_port())
+    rejected: list[str] = []
+
+    async def scenario() -> None:
+        await create_topics(kafka_bootstrap, {settings.input_topics[0]: PARTITIONS, settings.output_topic: PARTITIONS,
+                                              settings.dead_letter_topic: PARTITIONS})
+        service = StreamerService(settings)
+        running = asyncio.create_task(service.run())
+        await wait_until(lambda: service.consumer is not None and service.readiness()[0])
+        first_producer = service.producer
+        original_send = service_module.send_records
+
+        async def rejecting_send(producer, topic, records, headers=None):
+            if producer is not first_producer or topic != settings.output_topic:
+                return await original_send(producer, topic, records, headers)
+            error = KafkaTimeoutError() if not rejected else OutOfOrderSequenceNumber()
+            rejected.append(type(error).__name__)
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(error)
+            return [failed]
+
+        monkeypatch.setattr(service_module, "send_records", rejecting_send)
+        await produce(kafka_bootstrap, settings.input_topics[0], events(0, 300))
+        outputs = await read_topic(kafka_bootstrap, settings.output_topic, 300, timeout_s=60)
+        assert len(outputs) >= 300
+        assert service.producer is not first_producer
+        await wait_until(lambda: service.events_processed >= 300 and service._background_checkpoint is None)
+        assert not running.done()
+        service.request_stop()
+        await running
+        committed = await committed_offsets(kafka_bootstrap, settings.group_id, settings.input_topics[0], PARTITIONS)
+        assert sum(offset or 0 for offset in committed.values()) == 300
+
+    asyncio.run(scenario())
+    assert rejected[0] == "KafkaTimeoutError"
