@@ -46,6 +46,7 @@ from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.files import OutputWriter, StagedFile
 from streamer.io.outputs import encode_dead_letter_line, encode_output_lines, encode_outputs, topic_source
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
+from streamer.kafka.fetched import stream_numbers
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.range_reader import RangeReader
 from streamer.kafka.restore import restore_partition
@@ -648,6 +649,8 @@ async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentM
         async for records in iter_rounds(reader, result.ranges, batch_size):
             batch, dead = decoder.decode(records.keys, records.values, records.timestamps_ms, records.offsets,
                                          records.partitions)
+            if len(spec.topics) > 1:
+                batch.streams = stream_numbers(records.topics, records.partitions, spec.topics)[batch.record_index]
             step = engine.process(batch)
             if targets is None and sink.writes_lines:
                 produced, lines = encode_output_lines(batch, step, model.fingerprint,

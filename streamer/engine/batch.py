@@ -16,7 +16,9 @@ class EventBatch:
 
     ``offsets`` are input positions (the Kafka offset, or the record index of a file) and ``partitions`` the
     input partition (0 for a file). ``ts_ms`` holds epoch milliseconds, or ``NO_TIME`` where unknown.
-    ``targets`` carries each event's optional ``target`` through to its output unchanged.
+    ``targets`` carries each event's optional ``target`` through to its output unchanged. ``streams``
+    numbers the input streams (one partition of one topic) whose offsets are comparable; None means the
+    partitions, as for one input topic or a file.
     """
 
     entities: list[str]
@@ -27,6 +29,7 @@ class EventBatch:
     partitions: np.ndarray
     targets: list[Any] | None = None
     record_index: np.ndarray | None = None
+    streams: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.entities)
@@ -54,6 +57,7 @@ class EventBatch:
             offsets=self.offsets[at], partitions=self.partitions[at],
             targets=None if self.targets is None else self.targets[at],
             record_index=None if self.record_index is None else self.record_index[at],
+            streams=None if self.streams is None else self.streams[at],
         )
 
 

@@ -28,8 +28,8 @@ class Engine:
     semantics reproduces the training-time call: each output is the model over the entity's last ``seq_len``
     events from zero state, computed from a per-entity ring buffer of inputs.
 
-    With ``idempotent`` set, an event at or below its entity's last applied offset is a duplicate: it is
-    neither applied nor given an output.
+    With ``idempotent`` set, an event at or below its entity's last applied offset, in the same input stream
+    as that event, is a duplicate: it is neither applied nor given an output.
     """
 
     def __init__(self, model: RecurrentModel, semantics: Semantics = "stateful", *, capacity: int | None = None,
@@ -75,7 +75,12 @@ class Engine:
             return StepResult(predictions, steps, np.zeros(0, bool))
         self.model.check_input_size(batch.features.shape[1])
         slots = self.arena.assign(batch.entities, batch.partitions)
-        applied = batch.offsets > self.arena.last_offset[slots] if self.idempotent else np.ones(n, bool)
+        streams = batch.partitions if batch.streams is None else batch.streams
+        if self.idempotent:
+            # Offsets of different streams say nothing about each other's order.
+            applied = (batch.offsets > self.arena.last_offset[slots]) | (streams != self.arena.last_stream[slots])
+        else:
+            applied = np.ones(n, bool)
         every_event = bool(applied.all())
         positions = np.arange(n) if every_event else applied.nonzero()[0]
         waves = plan_waves(slots if every_event else slots[positions])
@@ -94,6 +99,7 @@ class Engine:
                 y = step_fn(wave_slots, batch.features[at], resets)
                 predictions[at] = y.cpu().numpy()
                 steps[at] = self._advance_metadata(wave_slots, batch, at, resets)
+                self.arena.last_stream[wave_slots] = streams[at]
         inference_s = time.perf_counter() - started
         self._expire_idle()
         return StepResult(predictions, steps, applied, waves=len(waves), inference_s=inference_s)

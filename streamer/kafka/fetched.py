@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from aiokafka import TopicPartition
@@ -41,3 +42,13 @@ class FetchedBatch:
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+def stream_numbers(topics: list[str], partitions: Sequence[int] | np.ndarray, topic_order: Sequence[str]
+                   ) -> np.ndarray:
+    """Number each record's input stream: its topic's position in ``topic_order`` and its partition.
+
+    Offsets are comparable only within one stream. With one topic, the number is the partition.
+    """
+    positions = {topic: position for position, topic in enumerate(topic_order)}
+    return (np.array([positions[topic] for topic in topics], np.int64) << 32) | np.asarray(partitions, np.int64)

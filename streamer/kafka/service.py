@@ -27,7 +27,7 @@ from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.outputs import dead_letter_headers, encode_outputs, topic_source
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
-from streamer.kafka.fetched import FetchedBatch
+from streamer.kafka.fetched import FetchedBatch, stream_numbers
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.restore import restore_partition
 from streamer.kafka.retry import retry
@@ -714,6 +714,9 @@ class StreamerService:
         started = time.perf_counter()
         batch, dead = self.decoder.decode(fetched.keys, fetched.values, fetched.timestamps_ms, fetched.offsets,
                                           fetched.partitions)
+        if len(self.settings.input_topics) > 1:
+            batch.streams = stream_numbers(fetched.topics, fetched.partitions,
+                                           self.settings.input_topics)[batch.record_index]
         result = self.engine.process(batch)
         outputs = self._output_records(fetched, batch, result)
         letters = self._dead_letter_records(fetched, dead)

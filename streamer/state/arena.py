@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 NO_TIME = np.iinfo(np.int64).min  # last event time of an entity that has seen no timestamped event
 NO_OFFSET = -1  # last applied offset of an entity that has applied no event
+NO_STREAM = -1  # input stream of an entity that has applied no event
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class StateArena:
         self._metadata_size = 0
         self.steps = np.zeros(0, np.int64)
         self.last_offset = np.zeros(0, np.int64)
+        # The input stream (a partition of one topic) of the last applied event, whose offsets last_offset
+        # can be compared with; NO_STREAM before the first.
+        self.last_stream = np.zeros(0, np.int64)
         self.last_event_ms = np.zeros(0, np.int64)
         self.last_used = np.zeros(0, np.int64)
         self.partition = np.zeros(0, np.int32)
@@ -115,7 +119,8 @@ class StateArena:
     def nbytes(self) -> int:
         """Bytes of the state pages and per-slot metadata (the Python index is not counted)."""
         pages = sum(t.numel() * t.element_size() for page in self._pages for t in page.values())
-        metadata = sum(a.nbytes for a in (self.steps, self.last_offset, self.last_event_ms, self.last_used,
+        metadata = sum(a.nbytes for a in (self.steps, self.last_offset, self.last_stream, self.last_event_ms,
+                                          self.last_used,
                                           self.partition, self.occupied, self.dirty))
         return pages + metadata
 
@@ -184,6 +189,7 @@ class StateArena:
 
         self.steps = grown(self.steps, 0)
         self.last_offset = grown(self.last_offset, NO_OFFSET)
+        self.last_stream = grown(self.last_stream, NO_STREAM)
         self.last_event_ms = grown(self.last_event_ms, NO_TIME)
         self.last_used = grown(self.last_used, 0)
         self.partition = grown(self.partition, -1)
@@ -271,6 +277,7 @@ class StateArena:
                     self._pages[page][name].index_fill_(0, rows, 0.0)
         self.steps[slots] = 0
         self.last_offset[slots] = NO_OFFSET
+        self.last_stream[slots] = NO_STREAM
         self.last_event_ms[slots] = NO_TIME
         self.dirty[slots] = False
 
@@ -336,6 +343,7 @@ class StateArena:
             self.scatter(name, slots, torch.from_numpy(np.ascontiguousarray(values)).to(self.device))
         self.steps[slots] = steps
         self.last_offset[slots] = last_offsets
+        self.last_stream[slots] = partition  # a changelog serves one input topic, whose stream is the partition
         self.last_event_ms[slots] = last_event_ms
         self.dirty[slots] = False
         return slots

@@ -130,6 +130,31 @@ def test_console_tools_interoperate(kafka_bootstrap, model_path, tmp_path):
                                                                                    for i in range(5)}
 
 
+def test_events_of_one_entity_from_two_topics_all_applied(kafka_bootstrap, model_path, tmp_path):
+    topics = names("two-topics")
+    second = topics["input_topics"] + "-b"
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1, second: 1}))
+    events = make_events(40, 4)
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                             **{**topics, "input_topics": f"{topics['input_topics']},{second}"})
+    try:
+        service.wait_ready()
+        # The first topic's offsets reach 29; then the second topic's start at 0 for the same entities.
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:30]))
+        assert len(asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 30))) == 30
+        asyncio.run(produce(kafka_bootstrap, second, events[30:]))
+        outputs = [orjson.loads(record.value)
+                   for record in asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 40))]
+    finally:
+        assert service.stop() == 0, service.log()
+    assert len(outputs) == 40
+    steps_by_entity: dict[str, list[int]] = {}
+    for output in outputs:
+        steps_by_entity.setdefault(output["entity"], []).append(output["step"])
+    assert {entity: sorted(steps) for entity, steps in steps_by_entity.items()} == {f"e{i}": list(range(1, 11))
+                                                                                   for i in range(4)}
+
+
 def test_sigterm_commits_at_last_acknowledged_output_and_restart_resumes(kafka_bootstrap, model_path, tmp_path):
     topics = names("sigterm")
     total = 60_000

@@ -155,6 +155,27 @@ def test_duplicate_offsets_not_applied(seed_net_factory):
     assert engine.arena.steps[engine.arena.slot_of("a")] == 2
 
 
+def test_offsets_of_other_streams_are_not_duplicates(seed_net_factory):
+    _, path = seed_net_factory()
+    engine = Engine(load_model(path))
+    features = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
+    # Entity a's events arrive from partition 0 (offsets 40, 41) and partition 1 (offsets 3, 4): keyless
+    # records spread over partitions, or the key of a topic whose partitions were added.
+    first = engine.process(EventBatch.build(["a", "a"], features[:2], offsets=[40, 41], partitions=[0, 0]))
+    other = engine.process(EventBatch.build(["a", "a"], features[2:4], offsets=[3, 4], partitions=[1, 1]))
+    again = engine.process(EventBatch.build(["a"], features[4:5], offsets=[4], partitions=[1]))
+    # Two topics with the same partition number: the streams column tells them apart.
+    topics = EventBatch.build(["a"], features[5:6], offsets=[4], partitions=[1])
+    topics.streams = np.array([(1 << 32) | 1], np.int64)
+    second_topic = engine.process(topics)
+
+    assert first.applied.all() and other.applied.all()
+    assert other.steps.tolist() == [3, 4]
+    assert again.duplicates == 1
+    assert second_topic.applied.all()
+    assert second_topic.steps.tolist() == [5]
+
+
 def test_state_memory_close_to_raw_bytes():
     arena = StateArena({"h": (2, 64), "c": (2, 64)}, page_slots=16384)
     arena.assign([f"e{i}" for i in range(100_000)])
