@@ -139,15 +139,15 @@ def _apply(latest: dict[bytes, bytes | None], partition: int, result: RestoreRes
     values = [value for value in latest.values() if value is not None]
     if not values:
         return
-    records, invalid = codec.decode(entities, values)
+    records, invalid, other_models = codec.decode(entities, values)
     if invalid:
         result.count("invalid_record", len(invalid))
         arena.remove_entities([entity for entity, _ in invalid], "invalid")
         logger.warning("Skipped %d invalid changelog records of partition %d, first: %s: %s", len(invalid),
                        partition, invalid[0][0], invalid[0][1])
     matches = np.array([record_fingerprint == fingerprint for record_fingerprint in records.fingerprints], bool)
-    if not matches.all():
-        mismatched = [entity for entity, ok in zip(records.entities, matches) if not ok]
+    if other_models or not matches.all():
+        mismatched = other_models + [entity for entity, ok in zip(records.entities, matches) if not ok]
         if mismatch_policy == "fail":
             raise StateError(
                 f"Changelog partition {partition} contains state of another model for {len(mismatched)} entities "

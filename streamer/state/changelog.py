@@ -71,13 +71,23 @@ class StateCodec:
         size = self.record_bytes
         return [raw[i * size:(i + 1) * size] for i in range(n)]
 
-    def decode(self, entities: list[str], values: list[bytes]) -> tuple[StateRecords, list[tuple[str, str]]]:
-        """Decode records; return the valid ones and ``(entity, reason)`` for each one that is not."""
+    def decode(self, entities: list[str], values: list[bytes]
+               ) -> tuple[StateRecords, list[tuple[str, str]], list[str]]:
+        """Decode records; return the valid ones, ``(entity, reason)`` for each invalid one, and the entities
+        whose record holds the state of a model with another state size (a header of this format and
+        semantics, but another length)."""
         invalid: list[tuple[str, str]] = []
+        other_models: list[str] = []
         good = [i for i, value in enumerate(values) if len(value) == self.record_bytes]
-        for i in set(range(len(values))) - set(good):
-            invalid.append((entities[i], f"truncated or foreign record of {len(values[i])} bytes, "
-                                         f"expected {self.record_bytes}"))
+        for i in sorted(set(range(len(values))) - set(good)):
+            value = values[i]
+            rows_bytes = len(value) - HEADER_BYTES
+            if rows_bytes > 0 and rows_bytes % 4 == 0 and value[0] == FORMAT_VERSION and \
+                    value[1] == self.semantics_code:
+                other_models.append(entities[i])
+            else:
+                invalid.append((entities[i], f"truncated or foreign record of {len(value)} bytes, "
+                                             f"expected {self.record_bytes}"))
         packed = np.frombuffer(b"".join(values[i] for i in good), self._dtype)
         ok = (packed["version"] == FORMAT_VERSION) & (packed["semantics"] == self.semantics_code)
         for position in np.flatnonzero(~ok).tolist():
@@ -92,7 +102,7 @@ class StateCodec:
             last_ts_ms=packed["last_ts_ms"].astype(np.int64),
             rows=np.ascontiguousarray(packed["rows"]),
         )
-        return records, invalid
+        return records, invalid, other_models
 
     def split_rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Split (n, floats) rows into arrays per state name with the arena's row shapes."""

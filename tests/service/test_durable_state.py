@@ -139,7 +139,7 @@ def read_changelog(bootstrap, group_id, model_path):
     for record in records:
         latest[record.key.decode()] = (record.partition, record.value)
     alive = {entity: item for entity, item in latest.items() if item[1] is not None}
-    decoded, invalid = codec.decode(list(alive), [value for _, value in alive.values()])
+    decoded, invalid, _ = codec.decode(list(alive), [value for _, value in alive.values()])
     assert invalid == []
     return decoded, {entity: partition for entity, (partition, _) in alive.items()}, model.fingerprint
 
@@ -210,6 +210,13 @@ def test_model_mismatch_policies(kafka_bootstrap, model_path, tmp_path):
     assert refusing.process.wait(60) == 2, refusing.log()
     assert "another model" in refusing.log()
     refusing.kill()
+    # A model with another hidden size writes records of another length: also state of another model.
+    wider_model = tmp_path / "wider.pt"
+    torch.save(SeedNet(4, 24, 5, 1, 2).eval().state_dict(), wider_model)
+    refusing_wider = ServiceProcess(tmp_path, model=wider_model, model_mismatch="fail", **settings)
+    assert refusing_wider.process.wait(60) == 2, refusing_wider.log()
+    assert "another model" in refusing_wider.log()
+    refusing_wider.kill()
 
     asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[100:]))
     resetting = ServiceProcess(tmp_path, model=other_model, model_mismatch="reset", **settings)

@@ -14,8 +14,8 @@ def test_round_trip():
     values = codec.encode(FINGERPRINT, np.array([1, 2, 3]), np.array([10, 20, 30]), np.array([-5, 0, 7]), rows)
     assert [len(value) for value in values] == [HEADER_BYTES + 48] * 3
     assert values[0][0] == 1  # format version byte
-    records, invalid = codec.decode(["a", "b", "c"], values)
-    assert invalid == []
+    records, invalid, other_models = codec.decode(["a", "b", "c"], values)
+    assert invalid == [] and other_models == []
     assert records.entities == ["a", "b", "c"]
     assert records.fingerprints == [FINGERPRINT] * 3
     assert records.steps.tolist() == [1, 2, 3]
@@ -39,9 +39,13 @@ def test_truncated_and_foreign_records_reported():
     window_codec = StateCodec(SHAPES, "window")
     other = window_codec.encode(FINGERPRINT, np.array([1]), np.array([1]), np.array([1]),
                                 np.zeros((1, 12), np.float32))[0]
-    records, invalid = codec.decode(["ok", "short", "window"], [good, good[:-3], other])
+    larger = StateCodec({"h": (2, 4), "c": (2, 4)}, "stateful").encode(
+        "fedcba9876543210", np.array([1]), np.array([1]), np.array([1]), np.zeros((1, 16), np.float32))[0]
+    records, invalid, other_models = codec.decode(["ok", "short", "window", "larger"],
+                                                  [good, good[:-3], other, larger])
     assert records.entities == ["ok"]
     assert sorted(entity for entity, _ in invalid) == ["short", "window"]
+    assert other_models == ["larger"]
 
 
 def test_split_rows_checks_size():
