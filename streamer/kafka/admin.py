@@ -7,9 +7,9 @@ import logging
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from streamer.errors import BrokerError
+from streamer.errors import BrokerError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,41 @@ async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_
             new_topics = [NewTopic(spec.name, spec.partitions, spec.replication_factor, topic_configs=spec.config)
                           for spec in missing]
             try:
-                await admin.create_topics(new_topics)
+                response = await admin.create_topics(new_topics)
             except TopicAlreadyExistsError:
                 pass  # another group member created them first
-            logger.info("Created topics %s", ", ".join(spec.name for spec in missing))
+            else:
+                created = _check_created(response)
+                if created:
+                    logger.info("Created topics %s", ", ".join(created))
         return await _partition_counts(admin, [spec.name for spec in specs])
     finally:
         await admin.close()
+
+
+def _check_created(response) -> list[str]:
+    """Return the topics a CreateTopics response created; raise for a topic the broker refused.
+
+    A topic that already exists (another member created it first) is fine. A refusal that a retry cannot
+    change, such as a replication factor above the number of brokers or an invalid name, raises
+    ``ConfigError`` with the broker's reason; others raise ``BrokerError``, which callers retry.
+    """
+    created = []
+    for topic_error in response.topic_errors:
+        topic, code = topic_error[0], topic_error[1]
+        message = topic_error[2] if len(topic_error) > 2 and topic_error[2] else ""
+        if code == 0:
+            created.append(topic)
+            continue
+        error_type = for_code(code)
+        if error_type is TopicAlreadyExistsError:
+            continue
+        reason = f"Cannot create topic {topic!r}: the broker refused it with {error_type.__name__}"
+        reason += f" ({message})" if message else ""
+        if error_type.retriable:
+            raise BrokerError(reason)
+        raise ConfigError(reason)
+    return created
 
 
 async def list_topics(bootstrap_servers: str, request_timeout_ms: int) -> set[str]:

@@ -219,6 +219,19 @@ def test_created_topic_is_listed(kafka_bootstrap: str, unique_topic: str) -> Non
     assert unique_topic in asyncio.run(list_topics(kafka_bootstrap))
 
 
+@pytest.mark.parametrize("spec,reason", [
+    (dict(partitions=1, replication_factor=3), "InvalidReplicationFactorError"),
+    (dict(partitions=1, name="bad topic!"), "InvalidTopicError"),
+])
+def test_topic_the_broker_refuses_raises_its_reason(kafka_bootstrap: str, spec: dict, reason: str) -> None:
+    from streamer.errors import ConfigError
+    from streamer.kafka.admin import TopicSpec, ensure_topics
+
+    name = spec.pop("name", f"refused-{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ConfigError, match=f"Cannot create topic '{name}'.*{reason}"):
+        asyncio.run(ensure_topics(kafka_bootstrap, [TopicSpec(name, **spec)], 10_000))
+
+
 def test_state_file_records_running_broker(kafka_broker: LocalKafka, kafka_bootstrap: str) -> None:
     state = read_state_file(kafka_broker.data_dir)
 
