@@ -109,6 +109,7 @@ class StreamerService:
         self.producer: AIOKafkaProducer | None = None
         self.checkpointer: Checkpointer | None = None
         self._assignment: set[TopicPartition] = set()
+        self._joined = False  # whether the group has assigned partitions (possibly none) since the last join
         # Revoked partitions whose entities stay in memory until the next assignment, with the offset
         # committed for each when it was revoked (see on_partitions_revoked).
         self._parked: dict[TopicPartition, int | None] = {}
@@ -155,10 +156,17 @@ class StreamerService:
         return True, "ok"
 
     def readiness(self) -> tuple[bool, str]:
-        if not self._assignment:
-            return False, "no partitions assigned"
+        """Ready once the group gave this member an assignment and its partitions are restored.
+
+        An empty assignment counts: in a group with more members than input partitions, the extra members
+        stand by, and a readiness probe that failed for them would stall rolling updates.
+        """
+        if not self._joined:
+            return False, "waiting for the first partition assignment"
         if self._restores:
             return False, f"restoring {len(self._restores)} partitions"
+        if not self._assignment:
+            return True, "ready: no partitions assigned, standing by"
         return True, f"ready: {len(self._assignment)} partitions assigned"
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -317,6 +325,7 @@ class StreamerService:
             logger.warning("Aborting the open transaction failed: %r", abort_error)
         await self._stop_clients()
         self.engine = self._new_engine()
+        self._joined = False
         self._assignment.clear()
         self._parked.clear()
         self.metrics.assigned_partitions.set(0)
@@ -452,6 +461,7 @@ class StreamerService:
 
         Parked partitions assigned back unchanged keep their entities and are not restored.
         """
+        self._joined = True
         kept_back, returned = await self._keep_parked(assigned) if self._parked else (set(), set())
         new = assigned - self._assignment - kept_back
         self._assignment |= assigned

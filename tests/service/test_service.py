@@ -155,6 +155,32 @@ def test_events_of_one_entity_from_two_topics_all_applied(kafka_bootstrap, model
                                                                                    for i in range(4)}
 
 
+def test_member_without_partitions_is_ready(kafka_bootstrap, model_path, tmp_path):
+    topics = names("standby")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    first = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                           **topics)
+    second = None
+    try:
+        first.wait_ready()
+        second = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                                **topics)
+        second.wait_ready()
+        deadline = time.monotonic() + 60
+        assigned: list[float] = []
+        while time.monotonic() < deadline:
+            assigned = sorted(member.metric("streamer_assigned_partitions") for member in (first, second))
+            if assigned == [0, 1]:
+                break
+            time.sleep(0.2)
+        assert assigned == [0, 1]
+        assert [member.get("/readyz")[0] for member in (first, second)] == [200, 200]
+    finally:
+        assert first.stop() == 0, first.log()
+        if second is not None:
+            assert second.stop() == 0, second.log()
+
+
 def test_sigterm_commits_at_last_acknowledged_output_and_restart_resumes(kafka_bootstrap, model_path, tmp_path):
     topics = names("sigterm")
     total = 60_000
