@@ -6,8 +6,8 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.errors import InvalidPartitionsError, TopicAlreadyExistsError, for_code
 
 from streamer.errors import BrokerError, ConfigError
 
@@ -74,6 +74,29 @@ def _check_created(response) -> list[str]:
             raise BrokerError(reason)
         raise ConfigError(reason)
     return created
+
+
+async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, request_timeout_ms: int) -> int:
+    """Add partitions to ``topic`` until it has at least ``count``; return its partition count."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms)
+    await admin.start()
+    try:
+        current = (await _partition_counts(admin, [topic]))[topic]
+        if current >= count:
+            return current
+        response = await admin.create_partitions({topic: NewPartitions(total_count=count)})
+        for topic_error in response.topic_errors:
+            code = topic_error[1]
+            # InvalidPartitions: another member added them first, so the count is already at least this one.
+            if code not in (0, InvalidPartitionsError.errno):
+                error_type = for_code(code)
+                raise BrokerError(f"Cannot add partitions to {topic!r}: the broker refused with {error_type.__name__}"
+                                  + (f" ({topic_error[2]})" if len(topic_error) > 2 and topic_error[2] else ""))
+        counts = await _partition_counts(admin, [topic])
+        logger.info("Topic %s now has %d partitions (had %d)", topic, counts[topic], current)
+        return counts[topic]
+    finally:
+        await admin.close()
 
 
 async def list_topics(bootstrap_servers: str, request_timeout_ms: int) -> set[str]:

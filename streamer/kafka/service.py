@@ -25,7 +25,7 @@ from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError, StateError
 from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.outputs import dead_letter_headers, encode_outputs, topic_source
-from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
+from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_partitions, ensure_topics
 from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
 from streamer.kafka.fetched import FetchedBatch, stream_numbers
 from streamer.kafka.producer import KeyPartitioner, send_records
@@ -119,6 +119,8 @@ class StreamerService:
         self._stop_deadline: float | None = None
         self._last_poll = time.monotonic()
         self._input_partitions: dict[str, int] = {}
+        self._changelog_partitions = 0
+        self._changelog_partitions_lock = asyncio.Lock()
         self._output_partitioner: KeyPartitioner | None = None
         self._dead_letter_partitioner: KeyPartitioner | None = None
         self._transactional_id = f"{settings.group_id}-{settings.group_instance_id or uuid.uuid4().hex[:12]}"
@@ -291,10 +293,30 @@ class StreamerService:
             compacted = {"cleanup.policy": "compact", "max.message.bytes": str(TOPIC_MAX_MESSAGE_BYTES)}
             changelog = await self._create_topics(
                 [TopicSpec(self.changelog_topic, input_partitions, settings.replication_factor, compacted)])
-            if changelog[self.changelog_topic] != input_partitions:
+            self._changelog_partitions = changelog[self.changelog_topic]
+            if self._changelog_partitions > input_partitions:
                 raise ConfigError(
-                    f"Changelog topic {self.changelog_topic} has {changelog[self.changelog_topic]} partitions, "
-                    f"expected {input_partitions} like {settings.input_topics[0]}; recreate it or use another group")
+                    f"Changelog topic {self.changelog_topic} has {self._changelog_partitions} partitions, more than "
+                    f"the {input_partitions} of {settings.input_topics[0]}: the input topic was recreated with fewer "
+                    "partitions, so the recorded states belong to other partitions; delete the changelog topic or "
+                    "use another group")
+            await self._ensure_changelog_partitions(input_partitions)
+
+    async def _ensure_changelog_partitions(self, count: int) -> None:
+        """Give the changelog at least ``count`` partitions, as partitions added to the input topic need.
+
+        The added changelog partitions are empty, which is the state of the added input partitions.
+        """
+        async with self._changelog_partitions_lock:
+            if self._changelog_partitions >= count:
+                return
+            settings = self.settings
+            self._changelog_partitions = await retry(
+                "add changelog partitions",
+                lambda: ensure_partitions(settings.bootstrap_servers, self.changelog_topic, count,
+                                          settings.request_timeout_ms),
+                timeout_s=3 * settings.request_timeout_ms / 1000, max_attempts=5,
+                stopping=self._stop_requested.is_set, on_retry=self._count_retry)
 
     async def _create_topics(self, specs: list[TopicSpec]) -> dict[str, int]:
         settings = self.settings
@@ -507,6 +529,7 @@ class StreamerService:
         settings = self.settings
         logger.info("Restoring state of %s from %s[%d]", _format_partition(tp), self.changelog_topic, tp.partition)
         try:
+            await self._ensure_changelog_partitions(tp.partition + 1)
             start_offset = await self._load_snapshot(tp.partition)
             result = await restore_partition(
                 bootstrap_servers=settings.bootstrap_servers, topic=self.changelog_topic, partition=tp.partition,
@@ -520,7 +543,7 @@ class StreamerService:
             self._fatal_error = error
             self.request_stop()
             return
-        except (KafkaError, asyncio.TimeoutError, OSError) as error:
+        except (KafkaError, BrokerError, asyncio.TimeoutError, OSError) as error:
             logger.warning("Restore of %s failed, rejoining: %r", _format_partition(tp), error)
             self._restores.pop(tp, None)
             self.metrics.restore_partitions_in_progress.set(len(self._restores))

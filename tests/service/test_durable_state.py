@@ -13,9 +13,10 @@ import orjson
 import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, RecordsToDelete
 from aiokafka.structs import OffsetAndMetadata
 
+from streamer.backtest.topic_replay import describe_partitions
 from streamer.engine import Engine, EventBatch
 from streamer.model import SeedNet, load_model
 from streamer.state.changelog import StateCodec, changelog_topic
@@ -307,6 +308,46 @@ def test_committed_offset_no_longer_retained(kafka_bootstrap, model_path, tmp_pa
     assert anomalies == 1
     assert "no longer retained" in log
     assert sorted(output["source"]["offset"] for output in outputs) == list(range(60, 100))
+
+
+def test_partitions_added_to_the_input_extend_the_changelog(kafka_bootstrap, model_path, tmp_path):
+    topics = names("grown")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    events = make_events(120)
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:80]))
+    settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS,
+                    changelog="true", **topics)
+    first = ServiceProcess(tmp_path, **settings)
+    first.wait_ready()
+    wait_for_outputs(first, 80)
+    assert first.stop() == 0, first.log()
+
+    async def add_partition() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_partitions({topics["input_topics"]: NewPartitions(total_count=PARTITIONS + 1)})
+        finally:
+            await admin.close()
+
+    asyncio.run(add_partition())
+    # The next events go to the added partition, whose offsets start at 0.
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[80:], partition=PARTITIONS))
+    second = ServiceProcess(tmp_path, **settings)
+    try:
+        second.wait_ready()
+        wait_for_outputs(second, 40)
+        restored = second.metric("streamer_state_entities")
+    finally:
+        assert second.stop() == 0, second.log()
+    changelog = asyncio.run(describe_partitions(kafka_bootstrap, [changelog_topic(topics["group_id"])], 10_000))
+    assert len(changelog[changelog_topic(topics["group_id"])]) == PARTITIONS + 1
+    outputs = [orjson.loads(r.value) for r in asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 120))]
+    later = [output for output in outputs if output["source"]["partition"] == PARTITIONS]
+    assert len(later) == 40
+    # Each entity had two events before, restored from the changelog: its events in the new partition go on.
+    assert sorted(output["step"] for output in later) == [3] * ENTITIES
+    assert restored == ENTITIES
 
 
 def test_rebalance_keeps_state_of_partitions_assigned_back(kafka_bootstrap, model_path, tmp_path):
