@@ -210,11 +210,15 @@ def run(
     flags = dict(locals())  # every parameter, before any other local exists
     import asyncio
 
-    from streamer.config import load_settings
+    import os
+
+    from streamer.config import load_settings, unknown_variables
     from streamer.kafka.service import run_service
 
     settings = load_settings(flags.pop("config"), **flags)
     configure_logging(settings.log_level)
+    for problem in unknown_variables(os.environ):
+        logging.getLogger("streamer.config").warning(problem)
     asyncio.run(run_service(settings))
 
 

@@ -5,7 +5,9 @@ Precedence, highest first: command-line flags, environment variables, the settin
 
 from __future__ import annotations
 
+import difflib
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -87,6 +89,25 @@ class Settings(BaseSettings):
 
 def env_var(name: str) -> str:
     return f"{ENV_PREFIX}{name.upper()}"
+
+
+# Variables with the prefix that are not settings: the local broker's data and jar caches, the Python
+# environment cache, and the model directory of deploy/docker-compose.yml.
+OTHER_VARIABLES = frozenset({"STREAMER_KAFKA_DATA", "STREAMER_KAFKA_CACHE", "STREAMER_CACHE", "STREAMER_MODEL_DIR"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Describe each ``STREAMER_*`` variable of ``environ`` that backs no setting, with a likely meant name."""
+    known = {env_var(name) for name in Settings.model_fields}
+    problems = []
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known or upper in OTHER_VARIABLES:
+            continue
+        close = difflib.get_close_matches(upper[len(ENV_PREFIX):].lower(), sorted(Settings.model_fields), n=1)
+        problems.append(f"{variable} is not a setting and is ignored"
+                        + (f"; did you mean {env_var(close[0])}?" if close else ""))
+    return problems
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:

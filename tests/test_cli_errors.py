@@ -211,3 +211,28 @@ def test_unused_seq_len_is_reported(tmp_path):
     assert "--seq-len 5 has no effect" in unused.stderr
     assert used.returncode == 0, used.stderr
     assert "has no effect" not in used.stderr
+
+
+def test_run_with_metrics_port_in_use_exits_2(tmp_path):
+    import socket
+
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        completed = streamer("run", "--model", str(tmp_path / "net.pt"), "--metrics-port", str(port),
+                             "--bootstrap-servers", "127.0.0.1:9")
+
+    assert completed.returncode == 2, completed.stderr
+    assert "choose another --metrics-port" in completed.stderr
+
+
+def test_misspelled_variable_named_with_the_likely_setting():
+    from streamer.config import unknown_variables
+
+    problems = unknown_variables({"STREAMER_OUTPUT_TOPCI": "x", "STREAMER_OUTPUT_TOPIC": "y",
+                                  "STREAMER_KAFKA_DATA": "d", "HOME": "/root", "STREAMER_NOTHING_LIKE_IT": "z"})
+
+    assert problems == ["STREAMER_NOTHING_LIKE_IT is not a setting and is ignored",
+                        "STREAMER_OUTPUT_TOPCI is not a setting and is ignored; did you mean STREAMER_OUTPUT_TOPIC?"]

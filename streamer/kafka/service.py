@@ -205,7 +205,11 @@ class StreamerService:
         logger.info("Starting streamer %s: %s", __version__, self.settings.effective())
         self.metrics_server = MetricsServer(self.metrics, self.settings.metrics_host, self.settings.metrics_port,
                                             liveness=self.liveness, readiness=self.readiness)
-        self.metrics_server.start()
+        try:
+            self.metrics_server.start()
+        except OSError as error:
+            raise ConfigError(f"{error.strerror}; choose another --metrics-port (STREAMER_METRICS_PORT), or 0 for "
+                              "any free port") from error
         try:
             await self._unless_stopped(self._ensure_topics(), "the topics were ready")
             while not self._stop_requested.is_set():
@@ -285,6 +289,10 @@ class StreamerService:
                                large))
         counts = await self._create_topics(specs)
         self._input_partitions = {topic: counts[topic] for topic in settings.input_topics}
+        for topic, count in sorted(self._input_partitions.items()):
+            if count != settings.topic_partitions:
+                logger.warning("Input topic %s has %d partitions, not the %d of --topic-partitions, which applies "
+                               "only to topics the service creates", topic, count, settings.topic_partitions)
         self._output_partitioner = KeyPartitioner(counts[settings.output_topic])
         self._dead_letter_partitioner = KeyPartitioner(counts[settings.dead_letter_topic])
         if self.changelog_topic is not None:
