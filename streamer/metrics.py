@@ -85,7 +85,7 @@ SEMANTICS = ("stateful", "window")
 # see a value before the first occurrence.
 BROKER_OPERATIONS = ("producer start", "consumer start", "create topics", "produce outputs")
 RESTORE_ANOMALY_KINDS = ("invalid_record", "model_mismatch", "incomplete_read", "offsets_not_retained",
-                         "rebalance_during_restore")
+                         "offsets_past_end", "rebalance_during_restore")
 
 # A health callable returns (healthy, detail). The detail is the response body when unhealthy.
 HealthCheck = Callable[[], tuple[bool, str]]

@@ -34,6 +34,7 @@ from streamer.kafka.retry import retry
 from streamer.metrics import MetricsServer, StreamerMetrics
 from streamer.model import RecurrentModel, load_model
 from streamer.state.changelog import StateCodec, changelog_topic
+from streamer.state.arena import NO_OFFSET
 from streamer.state.snapshot import Snapshot, read_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
@@ -512,7 +513,8 @@ class StreamerService:
         await self._check_retained_offsets(new)
 
     async def _check_retained_offsets(self, partitions: set[TopicPartition]) -> None:
-        """Log and count partitions whose committed offset is below the log start (records deleted).
+        """Log and count partitions whose committed offset is below the log start (records deleted); log
+        those whose committed offset is past the log end (the topic was deleted and created again).
 
         Also records each partition's committed offset as the checkpointer's, unless a checkpoint already
         committed a newer one, so that a partition revoked before its first commit can be parked.
@@ -521,6 +523,7 @@ class StreamerService:
             return
         try:
             beginnings = await self.consumer.beginning_offsets(list(partitions))
+            ends = await self.consumer.end_offsets(list(partitions))
             for tp in partitions:
                 committed = await self.consumer.committed(tp)
                 if self.checkpointer is not None:
@@ -530,8 +533,32 @@ class StreamerService:
                     logger.warning("Committed offset %d of %s is no longer retained (log starts at %d); "
                                    "events in between are lost and processing resumes at the log start",
                                    committed, tp, beginnings[tp])
+                if committed is not None and committed > ends[tp]:
+                    logger.warning("Committed offset %d of %s is past the log end %d, as after the topic was deleted "
+                                   "and created again; processing restarts at the log start", committed,
+                                   _format_partition(tp), ends[tp])
         except (KafkaError, asyncio.TimeoutError) as error:
             logger.warning("Checking retained offsets failed: %r", error)
+
+    async def _check_restored_offsets(self, tp: TopicPartition) -> None:
+        """Forget the restored last offsets of ``tp`` if they reach past its log end.
+
+        An event's offset is always below the end of its log, so such states were recorded before the topic
+        was deleted and created again, and the new log's offsets start below theirs: kept, they would make
+        the new events count as duplicates.
+        """
+        arena = self.engine.arena
+        slots = arena.occupied_slots(tp.partition)
+        if not slots.size:
+            return
+        end = (await self.consumer.end_offsets([tp]))[tp]
+        past = int(np.count_nonzero(arena.last_offset[slots] >= end))
+        if past:
+            self.metrics.restore_anomalies.labels(kind="offsets_past_end").inc()
+            logger.warning("%d restored entities of %s have last applied offsets past the log end %d, as after the "
+                           "topic was deleted and created again; their states go on, and every event of the new log "
+                           "applies", past, _format_partition(tp), end)
+            arena.last_offset[slots] = NO_OFFSET
 
     async def _restore(self, tp: TopicPartition) -> None:
         settings = self.settings
@@ -557,6 +584,10 @@ class StreamerService:
             self.metrics.restore_partitions_in_progress.set(len(self._restores))
             self._rejoin_reason = f"the restore of {_format_partition(tp)} failed: {error!r}"
             return
+        try:
+            await self._check_restored_offsets(tp)
+        except (KafkaError, asyncio.TimeoutError) as error:
+            logger.warning("Checking the restored offsets of %s failed: %r", _format_partition(tp), error)
         for kind, count in result.anomalies.items():
             self.metrics.restore_anomalies.labels(kind=kind).inc(count)
         mismatched = result.anomalies.get("model_mismatch", 0)

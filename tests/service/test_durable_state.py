@@ -310,6 +310,58 @@ def test_committed_offset_no_longer_retained(kafka_bootstrap, model_path, tmp_pa
     assert sorted(output["source"]["offset"] for output in outputs) == list(range(60, 100))
 
 
+def test_input_topic_created_again_restarts_offsets(kafka_bootstrap, model_path, tmp_path):
+    topics = names("recreated")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    events = make_events(120)
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:80]))
+    settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1, changelog="true",
+                    **topics)
+    first = ServiceProcess(tmp_path, **settings)
+    first.wait_ready()
+    wait_for_outputs(first, 80)
+    assert first.stop() == 0, first.log()
+
+    async def create_again() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.delete_topics([topics["input_topics"]])
+            deadline = time.monotonic() + 30
+            while topics["input_topics"] in await admin.list_topics() and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        finally:
+            await admin.close()
+        for _ in range(50):
+            try:
+                await create_topics(kafka_bootstrap, {topics["input_topics"]: 1})
+                return
+            except Exception:  # the broker may still be deleting the old topic
+                await asyncio.sleep(0.2)
+        raise AssertionError("the input topic could not be created again")
+
+    asyncio.run(create_again())
+    # The broker deleted the group's committed offsets with the topic. The restored states' last applied
+    # offsets (up to 79) are past the new log's end; the new events have offsets 0 to 39.
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[80:]))
+    second = ServiceProcess(tmp_path, **settings)
+    try:
+        second.wait_ready()
+        wait_for_outputs(second, 40)
+        anomalies = second.metric('streamer_restore_anomalies_total{kind="offsets_past_end"}')
+        duplicates = second.metric("streamer_events_duplicate_total")
+        log = second.log()
+    finally:
+        assert second.stop() == 0, second.log()
+    assert anomalies == 1, log
+    assert duplicates == 0
+    assert "past the log end" in log
+    outputs = [orjson.loads(r.value) for r in asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 120))]
+    later = outputs[80:]
+    assert sorted(output["source"]["offset"] for output in later) == list(range(40))
+    assert sorted(output["step"] for output in later) == [3] * ENTITIES  # the restored states go on
+
+
 def test_partitions_added_to_the_input_extend_the_changelog(kafka_bootstrap, model_path, tmp_path):
     topics = names("grown")
     asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
