@@ -68,13 +68,18 @@ def read_records(path: str | Path, chunk_size: int = 4096, feature_names: tuple[
 
 def _read_json_lines(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
     chunk = RecordChunk([], [])
+    first = True
     with path.open("rb") as file:
         for line_number, line in enumerate(file):
             line = line.rstrip(b"\r\n")
             if line_number == 0 and line.startswith(_UTF8_BOM):
                 line = line[len(_UTF8_BOM):]  # some editors start a UTF-8 file with a byte order mark
+            if first and _starts_json_array(line):
+                raise ConfigError(f"Invalid input file {path}: it holds a JSON array; streamer reads JSON Lines, "
+                                  "one event object per line")
             if not line.strip():
                 continue  # blank lines separate nothing and are not records
+            first = False
             chunk.values.append(line)
             chunk.indices.append(line_number)
             if len(chunk.values) >= chunk_size:
@@ -82,6 +87,15 @@ def _read_json_lines(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
                 chunk = RecordChunk([], [])
     if chunk.values:
         yield chunk
+
+
+def _starts_json_array(line: bytes) -> bool:
+    """Return whether the first line of a file opens a JSON array of objects, as ``json.dump`` of a list does.
+
+    Such a line is no event in any case; a file of events in JSON Lines never starts with one.
+    """
+    stripped = line.strip()
+    return stripped == b"[" or stripped[:1] == b"[" and stripped[1:].lstrip()[:1] == b"{"
 
 
 def _numbered_columns(columns: list[str]) -> list[str]:

@@ -281,3 +281,23 @@ def test_failed_run_leaves_earlier_outputs(case, tmp_path, monkeypatch, failure)
     assert output.read_bytes() == outputs
     assert first.dead_letter_path.read_bytes() == letters
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.endswith(".partial")) == []
+
+
+@pytest.mark.parametrize("text", ['[{"entity": "a", "features": [1, 2]}]\n',
+                                  '[\n  {"entity": "a", "features": [1, 2]}\n]\n'])
+def test_json_array_file_rejected_with_the_format_it_needs(seed_net_factory, tmp_path, text):
+    _, path = seed_net_factory(input_dim=2)
+    (tmp_path / "in.json").write_text(text)
+
+    with pytest.raises(ConfigError, match="holds a JSON array; streamer reads JSON Lines"):
+        run_file_backtest(load_model(path), tmp_path / "in.json", tmp_path / "out.jsonl")
+
+
+def test_array_record_in_json_lines_is_a_dead_letter(seed_net_factory, tmp_path):
+    _, path = seed_net_factory(input_dim=2)
+    (tmp_path / "in.jsonl").write_text('[1, 2]\n{"entity": "a", "features": [1, 2]}\n')
+
+    result = run_file_backtest(load_model(path), tmp_path / "in.jsonl", tmp_path / "out.jsonl")
+
+    assert result.dead_letter_reasons == {"not_an_object": 1}
+    assert result.outputs == 1
