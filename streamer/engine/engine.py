@@ -98,8 +98,7 @@ class Engine:
                     resets = resets | self._restart_expired(wave_slots, watermarks[at])
                 y = step_fn(wave_slots, batch.features[at], resets)
                 predictions[at] = y.cpu().numpy()
-                steps[at] = self._advance_metadata(wave_slots, batch, at, resets)
-                self.arena.last_stream[wave_slots] = streams[at]
+                steps[at] = self._advance_metadata(wave_slots, batch, at, resets, streams)
         inference_s = time.perf_counter() - started
         self._expire_idle()
         return StepResult(predictions, steps, applied, waves=len(waves), inference_s=inference_s)
@@ -155,12 +154,13 @@ class Engine:
             self.arena.expirations += int(np.count_nonzero(expired))
         return expired
 
-    def _advance_metadata(self, slots: np.ndarray, batch: EventBatch, at: np.ndarray, resets: np.ndarray
-                          ) -> np.ndarray:
+    def _advance_metadata(self, slots: np.ndarray, batch: EventBatch, at: np.ndarray, resets: np.ndarray,
+                          streams: np.ndarray) -> np.ndarray:
         arena = self.arena
         new_steps = np.where(resets, 0, arena.steps[slots]) + 1
         arena.steps[slots] = new_steps
         arena.last_offset[slots] = batch.offsets[at]
+        arena.last_stream[slots] = streams[at]
         ts = batch.ts_ms[at]
         arena.last_event_ms[slots] = np.maximum(arena.last_event_ms[slots], ts)
         arena.dirty[slots] = True
