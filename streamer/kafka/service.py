@@ -185,6 +185,14 @@ class StreamerService:
     def _past_deadline(self) -> bool:
         return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
 
+    def _acknowledgement_timeout_s(self) -> float:
+        """How long to wait for the broker's acknowledgement: twice the request timeout, and after a stop
+        request no longer than the shutdown deadline."""
+        timeout_s = 2 * self.settings.request_timeout_ms / 1000
+        if self._stop_deadline is not None:
+            timeout_s = min(timeout_s, max(0.1, self._stop_deadline - time.monotonic()))
+        return timeout_s
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -222,7 +230,7 @@ class StreamerService:
                             await self._poll_once()
                             collector.maybe_collect()
                         # Step 1
-                        await self._final_checkpoint()
+                        await self._until_deadline(self._final_checkpoint(), "Final checkpoint")
                 except RejoinRequired as error:
                     await self._drop_and_rejoin(error)
         finally:
@@ -877,7 +885,7 @@ class StreamerService:
         """Wait for the oldest batch of ``in_flight``; if it failed, send it again until it is acknowledged."""
         entry = in_flight.popleft()
         try:
-            await asyncio.wait_for(asyncio.shield(entry.acknowledged), 2 * self.settings.request_timeout_ms / 1000)
+            await asyncio.wait_for(asyncio.shield(entry.acknowledged), self._acknowledgement_timeout_s())
         except (KafkaError, asyncio.TimeoutError) as error:
             logger.warning("A batch was not acknowledged (%r); sending it again", error)
             await self._deliver(entry.outputs, entry.letters)
@@ -898,7 +906,9 @@ class StreamerService:
             try:
                 futures = await send_records(self.producer, settings.output_topic, outputs)
                 futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
-                await asyncio.gather(*futures)
+                acknowledged = asyncio.gather(*futures)
+                acknowledged.add_done_callback(_retrieve_exception)  # still pending when the wait times out
+                await asyncio.wait_for(asyncio.shield(acknowledged), self._acknowledgement_timeout_s())
             except KafkaError as error:
                 if error.retriable:
                     raise

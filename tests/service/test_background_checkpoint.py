@@ -133,3 +133,45 @@ def test_rejected_producer_is_replaced_and_outputs_delivered(kafka_bootstrap, tm
 
     asyncio.run(scenario())
     assert rejected[0] == "KafkaTimeoutError"
+
+
+def test_stop_keeps_its_deadline_while_outputs_wait_for_acknowledgement(kafka_bootstrap, tmp_path, monkeypatch):
+    """A broker that stopped acknowledging (as during an outage) does not hold a stop past its deadline."""
+    import time
+
+    from streamer.kafka import service as service_module
+
+    torch.manual_seed(7)
+    model_path = tmp_path / "net.pt"
+    torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
+    suffix = uuid.uuid4().hex[:8]
+    settings = Settings(model=model_path, bootstrap_servers=kafka_bootstrap, input_topics=[f"dl-in-{suffix}"],
+                        output_topic=f"dl-out-{suffix}", dead_letter_topic=f"dl-dlq-{suffix}",
+                        group_id=f"dl-group-{suffix}", topic_partitions=PARTITIONS, request_timeout_ms=30_000,
+                        shutdown_timeout_s=3.0, metrics_port=free_port())
+    unanswered: list[asyncio.Future] = []
+
+    async def scenario() -> float:
+        await create_topics(kafka_bootstrap, {settings.input_topics[0]: PARTITIONS, settings.output_topic: PARTITIONS,
+                                              settings.dead_letter_topic: PARTITIONS})
+        service = StreamerService(settings)
+        running = asyncio.create_task(service.run())
+        await wait_until(lambda: service.consumer is not None and service.readiness()[0])
+
+        async def unacknowledged_send(producer, topic, records, headers=None):
+            future = asyncio.get_running_loop().create_future()
+            unanswered.append(future)
+            return [future]
+
+        monkeypatch.setattr(service_module, "send_records", unacknowledged_send)
+        await produce(kafka_bootstrap, settings.input_topics[0], events(0, 200))
+        await wait_until(lambda: service.events_processed >= 200)
+        stop_requested = time.monotonic()
+        service.request_stop()
+        await asyncio.gather(running, return_exceptions=True)
+        return time.monotonic() - stop_requested
+
+    stop_s = asyncio.run(scenario())
+    assert unanswered
+    # The deadline (3 s), then the clients' own stop, which the last step may overrun by a little.
+    assert stop_s < 3.0 + 2.0
