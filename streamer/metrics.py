@@ -324,6 +324,11 @@ class StreamerMetrics:
             ["operation"],
             registry=registry,
         )
+        self.broker_reachable = Gauge(
+            "streamer_broker_reachable",
+            "1 when the last metadata request to the Kafka cluster was answered, 0 when it failed.",
+            registry=registry,
+        )
         self.last_poll_timestamp_seconds = Gauge(
             "streamer_last_poll_timestamp_seconds",
             "Unix time at which the last fetch returned, including fetches that returned no events.",

@@ -43,6 +43,7 @@ LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled f
 TRANSACTION_TIMEOUT_MS = 15_000
 MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
 LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often
+BROKER_PROBE_INTERVAL_S = 10.0  # a metadata request checks that the cluster answers, even with no traffic
 DEFAULT_HEARTBEAT_INTERVAL_MS = 3000  # the Kafka consumer's default; shorter sessions get a third of theirs
 
 
@@ -142,6 +143,9 @@ class StreamerService:
         self._background_checkpoint: asyncio.Task | None = None
         self._last_snapshot = time.monotonic()
         self._last_lag_update = 0.0
+        self._broker_probe: asyncio.Task | None = None
+        self._last_broker_probe = 0.0
+        self._broker_reachable: bool | None = None  # unknown until the first probe
         self._evictions_seen = 0
         self._expirations_seen = 0
 
@@ -371,6 +375,10 @@ class StreamerService:
         self.metrics.state_entities.set(0)
 
     async def _stop_clients(self) -> None:
+        if self._broker_probe is not None:
+            self._broker_probe.cancel()
+            await asyncio.gather(self._broker_probe, return_exceptions=True)
+            self._broker_probe = None
         if self.consumer is not None:
             await self._until_deadline(self.consumer.stop(), "Consumer leaving the group")
         if self.producer is not None:
@@ -681,6 +689,10 @@ class StreamerService:
         fetched = FetchedBatch.from_records(records)
         if time.monotonic() - self._last_lag_update >= LAG_UPDATE_INTERVAL_S:
             await self._update_lag()
+        if self._broker_probe is None or (self._broker_probe.done() and
+                                          time.monotonic() - self._last_broker_probe >= BROKER_PROBE_INTERVAL_S):
+            self._last_broker_probe = time.monotonic()
+            self._broker_probe = asyncio.create_task(self._probe_broker(self.consumer))
         async with self._batch_lock:
             if len(fetched):
                 await self._process(fetched)
@@ -691,6 +703,25 @@ class StreamerService:
                         await self._maybe_snapshot()
                 elif self._background_checkpoint is None:
                     self._start_background_checkpoint()
+
+    async def _probe_broker(self, consumer: AIOKafkaConsumer) -> None:
+        """Send a metadata request and export whether the cluster answered; log when that changes.
+
+        An idle member sends no other request that it would notice failing: fetches that fail look like
+        fetches that returned nothing.
+        """
+        try:
+            await asyncio.wait_for(consumer.topics(), self.settings.request_timeout_ms / 1000)
+            reachable = True
+        except (KafkaError, asyncio.TimeoutError, OSError) as error:
+            reachable = False
+            if self._broker_reachable is not False:
+                logger.warning("The Kafka cluster at %s does not answer metadata requests: %r",
+                               self.settings.bootstrap_servers, error)
+        if reachable and self._broker_reachable is False:
+            logger.info("The Kafka cluster at %s answers again", self.settings.bootstrap_servers)
+        self._broker_reachable = reachable
+        self.metrics.broker_reachable.set(int(reachable))
 
     async def _update_lag(self) -> None:
         """Export the lag of every assigned partition, idle ones included (high watermark minus position)."""

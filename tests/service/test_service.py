@@ -224,16 +224,27 @@ def test_broker_restart_while_running(kafka_broker, kafka_bootstrap, model_path,
         service.wait_ready()
         asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(200, 20)))
         assert len(asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 200))) == 200
+        assert service.metric("streamer_broker_reachable") == 1
         kafka_broker.stop()
-        time.sleep(5)
+        deadline = time.monotonic() + 30
+        while service.metric("streamer_broker_reachable") != 0 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert service.metric("streamer_broker_reachable") == 0, service.log()
         assert service.process.poll() is None, service.log()
         assert service.get("/healthz")[0] == 200
         kafka_broker.start(timeout_s=120)
         asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(200, 20, start=200)))
         outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 400, timeout_s=120))
+        deadline = time.monotonic() + 30
+        while service.metric("streamer_broker_reachable") != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        reachable_again = service.metric("streamer_broker_reachable")
+        log = service.log()
     finally:
         code = service.stop()
     assert code == 0, service.log()
+    assert reachable_again == 1
+    assert "does not answer metadata requests" in log and "answers again" in log
     sources = {(orjson.loads(r.value)["source"]["partition"], orjson.loads(r.value)["source"]["offset"])
                for r in outputs}
     assert len(sources) == 400
