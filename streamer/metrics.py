@@ -326,7 +326,7 @@ class StreamerMetrics:
         )
         self.broker_reachable = Gauge(
             "streamer_broker_reachable",
-            "1 when the last metadata request to the Kafka cluster was answered, 0 when it failed.",
+            "1 when the Kafka cluster responded to the last metadata request, 0 when the request failed.",
             registry=registry,
         )
         self.last_poll_timestamp_seconds = Gauge(

@@ -43,7 +43,7 @@ LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled f
 TRANSACTION_TIMEOUT_MS = 15_000
 MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
 LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often
-BROKER_PROBE_INTERVAL_S = 10.0  # a metadata request checks that the cluster answers, even with no traffic
+BROKER_PROBE_INTERVAL_S = 10.0  # a metadata request checks that the cluster responds, even with no traffic
 DEFAULT_HEARTBEAT_INTERVAL_MS = 3000  # the Kafka consumer's default; shorter sessions get a third of theirs
 
 
@@ -190,8 +190,8 @@ class StreamerService:
         return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
 
     def _acknowledgement_timeout_s(self) -> float:
-        """How long to wait for the broker's acknowledgement: twice the request timeout, and after a stop
-        request no longer than the shutdown deadline."""
+        """Return how long to wait for the broker's acknowledgement: twice the request timeout, and after a
+        stop request no longer than the shutdown deadline."""
         timeout_s = 2 * self.settings.request_timeout_ms / 1000
         if self._stop_deadline is not None:
             timeout_s = min(timeout_s, max(0.1, self._stop_deadline - time.monotonic()))
@@ -716,10 +716,10 @@ class StreamerService:
         except (KafkaError, asyncio.TimeoutError, OSError) as error:
             reachable = False
             if self._broker_reachable is not False:
-                logger.warning("The Kafka cluster at %s does not answer metadata requests: %r",
+                logger.warning("The Kafka cluster at %s did not respond to a metadata request: %r",
                                self.settings.bootstrap_servers, error)
         if reachable and self._broker_reachable is False:
-            logger.info("The Kafka cluster at %s answers again", self.settings.bootstrap_servers)
+            logger.info("The Kafka cluster at %s responds again", self.settings.bootstrap_servers)
         self._broker_reachable = reachable
         self.metrics.broker_reachable.set(int(reachable))
 
