@@ -32,22 +32,33 @@ async def wait_until(condition, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_loop_runs_during_pending_commit(kafka_bootstrap, tmp_path):
-    torch.manual_seed(5)
+def service_settings(kafka_bootstrap: str, tmp_path, prefix: str, seed: int, **overrides) -> Settings:
+    """Settings of a service with a small random model and topics of its own."""
+    torch.manual_seed(seed)
     model_path = tmp_path / "net.pt"
     torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
     suffix = uuid.uuid4().hex[:8]
-    settings = Settings(model=model_path, bootstrap_servers=kafka_bootstrap, input_topics=[f"bg-in-{suffix}"],
-                        output_topic=f"bg-out-{suffix}", dead_letter_topic=f"bg-dlq-{suffix}",
-                        group_id=f"bg-group-{suffix}", topic_partitions=PARTITIONS, checkpoint_interval_ms=100,
-                        request_timeout_ms=30_000, metrics_port=free_port())
+    return Settings(model=model_path, bootstrap_servers=kafka_bootstrap, input_topics=[f"{prefix}-in-{suffix}"],
+                    output_topic=f"{prefix}-out-{suffix}", dead_letter_topic=f"{prefix}-dlq-{suffix}",
+                    group_id=f"{prefix}-group-{suffix}", topic_partitions=PARTITIONS, metrics_port=free_port(),
+                    **overrides)
+
+
+async def start_service(kafka_bootstrap: str, settings: Settings) -> tuple[StreamerService, asyncio.Task]:
+    """Create the topics, start the service in a task and wait until it is ready."""
+    await create_topics(kafka_bootstrap, {settings.input_topics[0]: PARTITIONS, settings.output_topic: PARTITIONS,
+                                          settings.dead_letter_topic: PARTITIONS})
+    service = StreamerService(settings)
+    running = asyncio.create_task(service.run())
+    await wait_until(lambda: service.consumer is not None and service.readiness()[0])
+    return service, running
+
+
+def test_loop_runs_during_pending_commit(kafka_bootstrap, tmp_path):
+    settings = service_settings(kafka_bootstrap, tmp_path, "bg", 5, checkpoint_interval_ms=100, request_timeout_ms=30_000)
 
     async def scenario() -> None:
-        await create_topics(kafka_bootstrap, {settings.input_topics[0]: PARTITIONS, settings.output_topic: PARTITIONS,
-                                              settings.dead_letter_topic: PARTITIONS})
-        service = StreamerService(settings)
-        running = asyncio.create_task(service.run())
-        await wait_until(lambda: service.consumer is not None and service.readiness()[0])
+        service, running = await start_service(kafka_bootstrap, settings)
 
         # Hold the first commit until released.
         release = asyncio.Event()
@@ -91,22 +102,11 @@ def test_rejected_producer_is_replaced_and_outputs_delivered(kafka_bootstrap, tm
 
     from streamer.kafka import service as service_module
 
-    torch.manual_seed(6)
-    model_path = tmp_path / "net.pt"
-    torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
-    suffix = uuid.uuid4().hex[:8]
-    settings = Settings(model=model_path, bootstrap_servers=kafka_bootstrap, input_topics=[f"rp-in-{suffix}"],
-                        output_topic=f"rp-out-{suffix}", dead_letter_topic=f"rp-dlq-{suffix}",
-                        group_id=f"rp-group-{suffix}", topic_partitions=PARTITIONS, checkpoint_interval_ms=100,
-                        request_timeout_ms=5_000, metrics_port=free_port())
+    settings = service_settings(kafka_bootstrap, tmp_path, "rp", 6, checkpoint_interval_ms=100, request_timeout_ms=5_000)
     rejected: list[str] = []
 
     async def scenario() -> None:
-        await create_topics(kafka_bootstrap, {settings.input_topics[0]: PARTITIONS, settings.output_topic: PARTITIONS,
-                                              settings.dead_letter_topic: PARTITIONS})
-        service = StreamerService(settings)
-        running = asyncio.create_task(service.run())
-        await wait_until(lambda: service.consumer is not None and service.readiness()[0])
+        service, running = await start_service(kafka_bootstrap, settings)
         first_producer = service.producer
         original_send = service_module.send_records
 
@@ -141,22 +141,11 @@ def test_stop_keeps_its_deadline_while_outputs_wait_for_acknowledgement(kafka_bo
 
     from streamer.kafka import service as service_module
 
-    torch.manual_seed(7)
-    model_path = tmp_path / "net.pt"
-    torch.save(SeedNet(4, 8, 5, 1, 1).eval().state_dict(), model_path)
-    suffix = uuid.uuid4().hex[:8]
-    settings = Settings(model=model_path, bootstrap_servers=kafka_bootstrap, input_topics=[f"dl-in-{suffix}"],
-                        output_topic=f"dl-out-{suffix}", dead_letter_topic=f"dl-dlq-{suffix}",
-                        group_id=f"dl-group-{suffix}", topic_partitions=PARTITIONS, request_timeout_ms=30_000,
-                        shutdown_timeout_s=3.0, metrics_port=free_port())
+    settings = service_settings(kafka_bootstrap, tmp_path, "dl", 7, request_timeout_ms=30_000, shutdown_timeout_s=3.0)
     unanswered: list[asyncio.Future] = []
 
     async def scenario() -> float:
-        await create_topics(kafka_bootstrap, {settings.input_topics[0]: PARTITIONS, settings.output_topic: PARTITIONS,
-                                              settings.dead_letter_topic: PARTITIONS})
-        service = StreamerService(settings)
-        running = asyncio.create_task(service.run())
-        await wait_until(lambda: service.consumer is not None and service.readiness()[0])
+        service, running = await start_service(kafka_bootstrap, settings)
 
         async def unacknowledged_send(producer, topic, records, headers=None):
             future = asyncio.get_running_loop().create_future()
