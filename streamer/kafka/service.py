@@ -90,6 +90,9 @@ class StreamerService:
             raise ConfigError(f"The dead-letter topic must differ from the output topic {settings.output_topic}")
         if not settings.input_topics:
             raise ConfigError("No input topics: pass --input-topics or set STREAMER_INPUT_TOPICS")
+        if settings.snapshot_dir is not None and not settings.changelog:
+            raise ConfigError("--snapshot-dir needs --changelog: a snapshot holds the changelog's states up to an "
+                              "offset, so that a restore reads only the changelog records after it")
         if settings.snapshot_dir is not None and settings.snapshot_dir.exists() and not settings.snapshot_dir.is_dir():
             raise ConfigError(f"Snapshot directory {settings.snapshot_dir} is a file: choose a directory")
         if settings.changelog and len(settings.input_topics) != 1:
@@ -600,6 +603,13 @@ class StreamerService:
             self.metrics.restore_partitions_in_progress.set(len(self._restores))
             self._rejoin_reason = f"the restore of {_format_partition(tp)} failed: {error!r}"
             return
+        except Exception as error:
+            # A task's exception is seen only when the task is awaited, which nothing does for a restore: without
+            # this, the partition would stay paused, and the member not ready, with nothing in the log.
+            logger.exception("Restore of %s failed with an unexpected error, stopping", _format_partition(tp))
+            self._fatal_error = StateError(f"The restore of {_format_partition(tp)} failed: {error!r}")
+            self.request_stop()
+            return
         try:
             await self._check_restored_offsets(tp)
         except (KafkaError, asyncio.TimeoutError) as error:
@@ -609,7 +619,8 @@ class StreamerService:
         mismatched = result.anomalies.get("model_mismatch", 0)
         if mismatched:
             logger.warning("Discarded the state of %d entities of %s made by another model (--model-mismatch "
-                           "reset); they start from zero state", mismatched, _format_partition(tp))
+                           "reset), that is, other weights, semantics or window length; they start from zero "
+                           "state", mismatched, _format_partition(tp))
         self.metrics.restored_records.inc(result.records)
         self.metrics.restore_duration_seconds.observe(result.duration_s)
         self.metrics.state_entities.set(len(self.engine.arena))

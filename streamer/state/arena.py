@@ -255,6 +255,8 @@ class StateArena:
     def scatter(self, name: str, slots: np.ndarray | Location, values: torch.Tensor) -> None:
         """Write ``values`` (len(slots), *row_shape) into the rows of ``slots``."""
         location = slots if isinstance(slots, Location) else self.locate(slots)
+        if location.size == 0:
+            return  # an arena without pages has no rows to write, and nothing is to be written
         if self._host:
             source = values.detach().to("cpu", self.dtype).numpy()
             for page, rows, positions in location.parts:

@@ -74,8 +74,8 @@ class StateCodec:
     def decode(self, entities: list[str], values: list[bytes]
                ) -> tuple[StateRecords, list[tuple[str, str]], list[str]]:
         """Decode records; return the valid ones, ``(entity, reason)`` for each invalid one, and the entities
-        whose record holds the state of a model with another state size (a header of this format and
-        semantics, but another length)."""
+        whose record holds the state of another model: a header of this format with another semantics, or
+        with this semantics and another length."""
         invalid: list[tuple[str, str]] = []
         other_models: list[str] = []
         good = [i for i, value in enumerate(values) if len(value) == self.record_bytes]
@@ -83,14 +83,18 @@ class StateCodec:
             value = values[i]
             rows_bytes = len(value) - HEADER_BYTES
             if rows_bytes > 0 and rows_bytes % 4 == 0 and value[0] == FORMAT_VERSION and \
-                    value[1] == self.semantics_code:
+                    value[1] in SEMANTICS_CODES.values():
                 other_models.append(entities[i])
             else:
                 invalid.append((entities[i], f"truncated or foreign record of {len(value)} bytes, "
                                              f"expected {self.record_bytes}"))
         packed = np.frombuffer(b"".join(values[i] for i in good), self._dtype)
         ok = (packed["version"] == FORMAT_VERSION) & (packed["semantics"] == self.semantics_code)
-        for position in np.flatnonzero(~ok).tolist():
+        other_semantics = (packed["version"] == FORMAT_VERSION) & ~ok & \
+            np.isin(packed["semantics"], list(SEMANTICS_CODES.values()))
+        for position in np.flatnonzero(other_semantics).tolist():
+            other_models.append(entities[good[position]])
+        for position in np.flatnonzero(~ok & ~other_semantics).tolist():
             invalid.append((entities[good[position]], "unsupported format version or semantics"))
         packed = packed[ok]
         kept = [entities[good[position]] for position in np.flatnonzero(ok).tolist()]

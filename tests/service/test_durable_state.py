@@ -218,6 +218,12 @@ def test_model_mismatch_policies(kafka_bootstrap, model_path, tmp_path):
     assert refusing_wider.process.wait(60) == 2, refusing_wider.log()
     assert "another model" in refusing_wider.log()
     refusing_wider.kill()
+    # The same weights in window semantics keep another state: a ring of inputs instead of (h, c).
+    refusing_window = ServiceProcess(tmp_path, model=model_path, model_mismatch="fail", semantics="window",
+                                     seq_len=5, **settings)
+    assert refusing_window.process.wait(60) == 2, refusing_window.log()
+    assert "another model" in refusing_window.log()
+    refusing_window.kill()
 
     asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[100:]))
     resetting = ServiceProcess(tmp_path, model=other_model, model_mismatch="reset", **settings)

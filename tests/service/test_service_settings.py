@@ -38,9 +38,17 @@ def test_snapshot_dir_that_is_a_file_rejected(model_path, tmp_path):
 
 
 def test_valid_settings_accepted(model_path, tmp_path):
-    service = StreamerService(Settings(model=model_path, metrics_port=0, snapshot_dir=tmp_path / "snapshots"))
+    service = StreamerService(Settings(model=model_path, metrics_port=0, changelog=True,
+                                       snapshot_dir=tmp_path / "snapshots"))
 
     assert service.model.manifest.input_size == 2
+
+
+def test_snapshot_dir_without_changelog_rejected(model_path, tmp_path):
+    settings = Settings(model=model_path, metrics_port=0, snapshot_dir=tmp_path / "snapshots")
+
+    with pytest.raises(ConfigError, match="--snapshot-dir needs --changelog"):
+        StreamerService(settings)
 
 
 def test_exactly_once_without_instance_id_warns(model_path, caplog):

@@ -218,3 +218,13 @@ def test_export_of_no_slots_is_empty():
     arena = make_arena()
     arena.assign(["a"])
     assert arena.export_rows(np.zeros(0, np.int64)).shape == (0, 12)
+
+
+def test_loading_no_entities_into_an_empty_arena():
+    # A partition whose snapshot or changelog holds no entity loads nothing, even before the first page exists.
+    arena = make_arena()
+    empty = np.zeros(0, np.int64)
+    slots = arena.load([], 0, empty, empty, empty, {"h": np.zeros((0, 2, 3), np.float32),
+                                                     "c": np.zeros((0, 2, 3), np.float32)})
+    assert slots.size == 0
+    assert len(arena) == 0
