@@ -51,7 +51,10 @@ class Engine:
         else:
             row_shapes = {"window": (manifest.seq_len, manifest.input_size)}
         self.arena = StateArena(row_shapes, page_slots=page_slots, capacity=capacity, device=model.device)
-        self.watermark_ms = NO_TIME
+        # Stream time: the largest ts applied so far in each input stream (a partition of one topic). Idle
+        # expiry compares an entity with the stream time of its own stream, as partitions are read in an
+        # order that depends on fetch timing, backlog and batch size.
+        self.stream_time_ms: dict[int, int] = {}
         self._last_expiry_ms = NO_TIME
 
     def process(self, batch: EventBatch) -> StepResult:
@@ -84,7 +87,8 @@ class Engine:
         every_event = bool(applied.all())
         positions = np.arange(n) if every_event else applied.nonzero()[0]
         waves = plan_waves(slots if every_event else slots[positions])
-        watermarks = self._watermarks_before(batch.ts_ms, applied) if self.idle_expiry_ms is not None else None
+        stream_times = self._stream_times_before(batch.ts_ms, applied, streams) \
+            if self.idle_expiry_ms is not None else None
         started = time.perf_counter()
         # One wave of every event, the common case, indexes with a slice, which copies no arrays.
         whole_batch = len(waves) == 1 and every_event
@@ -94,8 +98,8 @@ class Engine:
                 at = slice(None) if whole_batch else positions[wave]
                 wave_slots = slots[at]
                 resets = batch.resets[at]
-                if watermarks is not None:
-                    resets = resets | self._restart_expired(wave_slots, watermarks[at])
+                if stream_times is not None:
+                    resets = resets | self._restart_expired(wave_slots, stream_times[at])
                 y = step_fn(wave_slots, batch.features[at], resets)
                 predictions[at] = y.cpu().numpy()
                 steps[at] = self._advance_metadata(wave_slots, batch, at, resets, streams)
@@ -132,23 +136,29 @@ class Engine:
         windows = ring[torch.from_numpy(rows).to(device)[:, None], torch.from_numpy(order).to(device)]
         return self.model.forward_windows(windows, torch.from_numpy(lengths).to(device))
 
-    def _watermarks_before(self, ts_ms: np.ndarray, applied: np.ndarray) -> np.ndarray:
-        """Return, for each event of a batch, the largest ``ts`` applied before it (``NO_TIME`` if none)."""
-        seen = np.maximum.accumulate(np.where(applied, ts_ms, NO_TIME))
-        before = np.empty_like(seen)
-        before[0] = self.watermark_ms
-        np.maximum(seen[:-1], self.watermark_ms, out=before[1:])
+    def _stream_times_before(self, ts_ms: np.ndarray, applied: np.ndarray, streams: np.ndarray) -> np.ndarray:
+        """Return, for each event of a batch, the largest ``ts`` applied before it in its stream (``NO_TIME``
+        if none), and advance the stream times past the batch."""
+        applied_ts = np.where(applied, ts_ms, NO_TIME)
+        before = np.empty_like(applied_ts)
+        for stream in np.unique(streams).tolist():
+            positions = np.flatnonzero(streams == stream)
+            start = self.stream_time_ms.get(stream, NO_TIME)
+            seen = np.maximum.accumulate(applied_ts[positions])
+            before[positions[0]] = start
+            before[positions[1:]] = np.maximum(seen[:-1], start)
+            self.stream_time_ms[stream] = max(start, int(seen[-1]))
         return before
 
-    def _restart_expired(self, slots: np.ndarray, watermarks: np.ndarray) -> np.ndarray:
+    def _restart_expired(self, slots: np.ndarray, stream_times: np.ndarray) -> np.ndarray:
         """Return which events find their entity expired, and forget those entities' last event times.
 
-        An entity expires when the largest ``ts`` applied before its event exceeds its own last event time by
-        more than the idle expiry. Such an event starts from zero state, as it would after ``_expire_idle``
-        had removed the entity, so outputs do not depend on where batches end.
+        An entity expires when the largest ``ts`` applied before its event in its stream exceeds its own last
+        event time by more than the idle expiry. Such an event starts from zero state, as it would after
+        ``_expire_idle`` had removed the entity, so outputs do not depend on where batches end.
         """
         last = self.arena.last_event_ms[slots]
-        expired = (last != NO_TIME) & (last + self.idle_expiry_ms < watermarks)
+        expired = (last != NO_TIME) & (last + self.idle_expiry_ms < stream_times)
         if expired.any():
             self.arena.last_event_ms[slots[expired]] = NO_TIME
             self.arena.expirations += int(np.count_nonzero(expired))
@@ -164,19 +174,19 @@ class Engine:
         ts = batch.ts_ms[at]
         arena.last_event_ms[slots] = np.maximum(arena.last_event_ms[slots], ts)
         arena.dirty[slots] = True
-        if ts.size:
-            self.watermark_ms = max(self.watermark_ms, int(ts.max()))
         return new_steps
 
     def _expire_idle(self) -> None:
-        """Expire idle entities when event time has advanced by a tenth of the idle expiry since the last pass."""
+        """Remove idle entities from memory when event time has advanced by a tenth of the idle expiry since
+        the last pass. Outputs do not depend on when this runs: see ``_restart_expired``."""
         idle_ms = self.idle_expiry_ms
-        if idle_ms is None or self.watermark_ms == NO_TIME:
+        latest_ms = max(self.stream_time_ms.values(), default=NO_TIME)
+        if idle_ms is None or latest_ms == NO_TIME:
             return
-        if self._last_expiry_ms != NO_TIME and self.watermark_ms - self._last_expiry_ms < max(1, idle_ms // 10):
+        if self._last_expiry_ms != NO_TIME and latest_ms - self._last_expiry_ms < max(1, idle_ms // 10):
             return
-        self._last_expiry_ms = self.watermark_ms
-        expired = self.arena.expire(self.watermark_ms, idle_ms)
+        self._last_expiry_ms = latest_ms
+        expired = self.arena.expire(self.stream_time_ms, idle_ms)
         if expired:
             logger.debug("Expired %d entities idle for more than %d ms of event time", expired, idle_ms)
 

@@ -297,11 +297,17 @@ class StateArena:
         self.occupied[slots] = False
         self.dirty[slots] = False
 
-    def expire(self, now_ms: int, idle_ms: int) -> int:
-        """Remove entities whose last event time is more than ``idle_ms`` before ``now_ms``; return the count."""
-        used = self.occupied[: len(self._entity_of)]
-        seen = self.last_event_ms[: len(self._entity_of)]
-        idle = np.flatnonzero(used & (seen != NO_TIME) & (seen < now_ms - idle_ms))
+    def expire(self, stream_time_ms: dict[int, int], idle_ms: int) -> int:
+        """Remove entities whose last event time is more than ``idle_ms`` before the time of the stream of
+        their last applied event (``stream_time_ms``: stream -> time); return the count."""
+        size = len(self._entity_of)
+        seen = self.last_event_ms[:size]
+        streams = self.last_stream[:size]
+        cutoff = np.full(size, NO_TIME, np.int64)  # nothing is older than NO_TIME
+        for stream, time_ms in stream_time_ms.items():
+            if time_ms != NO_TIME:
+                cutoff[streams == stream] = time_ms - idle_ms
+        idle = np.flatnonzero(self.occupied[:size] & (seen != NO_TIME) & (seen < cutoff))
         self._remove(idle, "expired")
         self.expirations += int(idle.size)
         return int(idle.size)

@@ -150,6 +150,39 @@ def test_idle_expiry_independent_of_batch_split(seed_net_factory, semantics):
         assert expirations >= restarts.sum()
 
 
+def test_idle_expiry_independent_of_partition_interleaving(seed_net_factory):
+    _, path = seed_net_factory("lstm")
+    model = load_model(path)
+    rng = np.random.default_rng(9)
+    events = []  # (partition, offset, entity, ts); partition p holds the entities "p-0" to "p-4"
+    for partition in (0, 1):
+        for offset in range(120):
+            events.append((partition, offset, f"{partition}-{int(rng.integers(0, 5))}", offset * 10))
+    features = {(p, o): rng.normal(size=4).astype(np.float32) for p, o, _, _ in events}
+
+    def run(order, batch_size):
+        engine = Engine(model, idle_expiry_ms=45)
+        results = {}
+        for start in range(0, len(order), batch_size):
+            part = order[start:start + batch_size]
+            result = engine.process(EventBatch.build([e for _, _, e, _ in part],
+                                                     np.stack([features[(p, o)] for p, o, _, _ in part]),
+                                                     ts_ms=[t for _, _, _, t in part],
+                                                     offsets=[o for _, o, _, _ in part],
+                                                     partitions=[p for p, _, _, _ in part]))
+            for (p, o, _, _), prediction, step in zip(part, result.predictions, result.steps):
+                results[(p, o)] = (prediction, step)
+        return results
+
+    backlog_first = run(events, 64)  # all of partition 0, then all of partition 1
+    interleaved = run([event for pair in zip(events[:120], events[120:]) for event in pair], 7)
+    steps = [backlog_first[key][1] for key in sorted(backlog_first)]
+    assert 10 < steps.count(1) < 200
+    for key, (prediction, step) in backlog_first.items():
+        assert interleaved[key][1] == step
+        assert np.abs(interleaved[key][0] - prediction).max() < TOLERANCE
+
+
 def test_repeated_entity_in_one_batch_applied_in_order(seed_net_factory):
     net, path = seed_net_factory("lstm")
     features = np.random.default_rng(2).normal(size=(5, 4)).astype(np.float32)
