@@ -256,6 +256,9 @@ def format_summary(summary: Mapping) -> str:
     counts = [f"events {run.get('events', summary.get('records'))}", f"entities {summary.get('entities')}"]
     if "dead_letters" in run:
         counts.append(f"dead letters {run['dead_letters']}")
+    if run.get("duplicates"):
+        counts.append(f"duplicates {run['duplicates']} (not applied: at or below their entity's last applied "
+                      "offset, as in events the initial state already holds)")
     if "events_per_second" in run:
         counts.append(f"{_format_number(float(run['events_per_second']), ',.0f')} events/s")
     if "elapsed_s" in run:

@@ -216,6 +216,14 @@ def test_format_summary_lines(tmp_path):
     assert "1 zero targets left out of MAPE" in text
 
 
+def test_format_summary_names_duplicates_only_when_there_are_some(tmp_path):
+    with_duplicates = write_report(SMALL, tmp_path / "one", extra_summary={"events": 7, "duplicates": 3})
+    without = write_report(SMALL, tmp_path / "two", extra_summary={"events": 7, "duplicates": 0})
+
+    assert "duplicates 3 (not applied" in format_summary(json.loads(with_duplicates.summary.read_text()))
+    assert "duplicates" not in format_summary(json.loads(without.summary.read_text()))
+
+
 def test_format_summary_without_mape():
     summary = {"records": 3, "entities": 1, "scored_records": 3,
                "metrics": {"mae": 0.5, "rmse": 0.5, "mape_percent": None}}
