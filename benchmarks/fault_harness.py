@@ -559,7 +559,8 @@ def compare_state(changelog: list, reference: Replay, fingerprint: str) -> dict:
     for record in sorted(changelog, key=lambda record: (record.partition, record.offset)):
         latest[record.key.decode()] = (record.partition, record.value)
     alive = {entity: item for entity, item in latest.items() if item[1] is not None}
-    decoded, invalid = codec.decode(list(alive), [value for _, value in alive.values()])
+    decoded, invalid, other_models = codec.decode(list(alive), [value for _, value in alive.values()])
+    invalid += [(entity, "state of another model") for entity in other_models]
     expected_entities = set(arena.entities())
     mismatches: list[dict] = []
     missing = sorted(expected_entities - set(decoded.entities))
