@@ -294,6 +294,7 @@ class StreamerService:
             exactly_once=self.exactly_once, metrics=self.metrics, interval_ms=settings.checkpoint_interval_ms,
             max_events=settings.checkpoint_events, timeout_s=2 * settings.request_timeout_ms / 1000)
         self.consumer.subscribe(settings.input_topics, listener=_RebalanceListener(self))
+        self.metrics.broker_reachable.set(1)  # both clients have just fetched the cluster's metadata
 
     async def _ensure_topics(self) -> None:
         settings = self.settings
@@ -722,7 +723,9 @@ class StreamerService:
         fetches that returned nothing.
         """
         try:
-            await asyncio.wait_for(consumer.topics(), self.settings.request_timeout_ms / 1000)
+            # A slow answer on a busy machine is still an answer: the probe waits at least its interval.
+            await asyncio.wait_for(consumer.topics(), max(self.settings.request_timeout_ms / 1000,
+                                                          BROKER_PROBE_INTERVAL_S))
             reachable = True
         except (KafkaError, asyncio.TimeoutError, OSError) as error:
             reachable = False
