@@ -130,7 +130,7 @@ def test_generate_rejects_zero_zipf_exponent(tmp_path):
     assert "Traceback" not in completed.stderr
 
 
-def test_generate_names_its_flags_in_errors_and_starts_at_start_ts(tmp_path):
+def test_generate_flag_errors_and_start_ts(tmp_path):
     completed = streamer("generate", "--output", str(tmp_path / "g.csv"), "--events", "10")
     assert completed.returncode == 2
     assert "Unsupported --output" in completed.stderr

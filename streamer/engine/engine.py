@@ -80,7 +80,7 @@ class Engine:
         slots = self.arena.assign(batch.entities, batch.partitions)
         streams = batch.partitions if batch.streams is None else batch.streams
         if self.idempotent:
-            # Offsets of different streams say nothing about each other's order.
+            # Offsets of different streams do not order their events against each other.
             applied = (batch.offsets > self.arena.last_offset[slots]) | (streams != self.arena.last_stream[slots])
         else:
             applied = np.ones(n, bool)

@@ -75,7 +75,7 @@ def _read_json_lines(path: Path, chunk_size: int) -> Iterator[RecordChunk]:
             if line_number == 0 and line.startswith(_UTF8_BOM):
                 line = line[len(_UTF8_BOM):]  # some editors start a UTF-8 file with a byte order mark
             if first and _starts_json_array(line):
-                raise ConfigError(f"Invalid input file {path}: it holds a JSON array; streamer reads JSON Lines, "
+                raise ConfigError(f"Invalid input file {path}: it contains a JSON array; streamer reads JSON Lines, "
                                   "one event object per line")
             if not line.strip():
                 continue  # blank lines separate nothing and are not records
@@ -118,7 +118,7 @@ def _dumps_row(document: dict, default=None) -> bytes:
     """Encode a CSV or Parquet row as a JSON record.
 
     orjson writes non-finite floats as null. Rows with one are written by the standard library instead, as
-    ``NaN``, ``Infinity`` or ``-Infinity``, so that the event decoder names the field that holds the value and
+    ``NaN``, ``Infinity`` or ``-Infinity``, so that the event decoder names the field that contains the value and
     the dead letter keeps it.
     """
     if _has_non_finite(document):
@@ -257,7 +257,7 @@ class StagedFile:
 class OutputWriter:
     """Write encoded JSON records to a JSON Lines or Parquet file.
 
-    The records go to a temporary file beside the path; ``close()`` moves it to the path and ``discard()``
+    The records go to a temporary file beside the path. ``close()`` moves it to the path and ``discard()``
     removes it, so an existing file at the path changes only when a run completes. Used as a context
     manager, the writer closes on success and discards on an exception.
     """

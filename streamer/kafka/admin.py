@@ -56,7 +56,7 @@ def _check_created(response) -> list[str]:
 
     A topic that already exists (another member created it first) is fine. A refusal that a retry cannot
     change, such as a replication factor above the number of brokers or an invalid name, raises
-    ``ConfigError`` with the broker's reason; others raise ``BrokerError``, which callers retry.
+    ``ConfigError`` with the broker's reason. Other refusals raise ``BrokerError``, which callers retry.
     """
     created = []
     for topic_error in response.topic_errors:

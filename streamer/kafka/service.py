@@ -91,7 +91,7 @@ class StreamerService:
         if not settings.input_topics:
             raise ConfigError("No input topics: pass --input-topics or set STREAMER_INPUT_TOPICS")
         if settings.snapshot_dir is not None and not settings.changelog:
-            raise ConfigError("--snapshot-dir needs --changelog: a snapshot holds the changelog's states up to an "
+            raise ConfigError("--snapshot-dir needs --changelog: a snapshot contains the changelog's states up to an "
                               "offset, so that a restore reads only the changelog records after it")
         if settings.snapshot_dir is not None and settings.snapshot_dir.exists() and not settings.snapshot_dir.is_dir():
             raise ConfigError(f"Snapshot directory {settings.snapshot_dir} is a file: choose a directory")
@@ -564,8 +564,8 @@ class StreamerService:
         """Forget the restored last offsets of ``tp`` if they reach past its log end.
 
         An event's offset is always below the end of its log, so such states were recorded before the topic
-        was deleted and created again, and the new log's offsets start below theirs: kept, they would make
-        the new events count as duplicates.
+        was deleted and created again. The new log's offsets start below theirs, so kept, they would make the
+        new events count as duplicates.
         """
         arena = self.engine.arena
         slots = arena.occupied_slots(tp.partition)
@@ -717,13 +717,13 @@ class StreamerService:
                     self._start_background_checkpoint()
 
     async def _probe_broker(self, consumer: AIOKafkaConsumer) -> None:
-        """Send a metadata request and export whether the cluster answered; log when that changes.
+        """Send a metadata request and export whether the cluster responded; log when that changes.
 
         An idle member sends no other request that it would notice failing: fetches that fail look like
         fetches that returned nothing.
         """
         try:
-            # A slow answer on a busy machine is still an answer: the probe waits at least its interval.
+            # A slow response on a busy machine is still a response, so the probe waits at least its interval.
             await asyncio.wait_for(consumer.topics(), max(self.settings.request_timeout_ms / 1000,
                                                           BROKER_PROBE_INTERVAL_S))
             reachable = True

@@ -74,7 +74,7 @@ class StateCodec:
     def decode(self, entities: list[str], values: list[bytes]
                ) -> tuple[StateRecords, list[tuple[str, str]], list[str]]:
         """Decode records; return the valid ones, ``(entity, reason)`` for each invalid one, and the entities
-        whose record holds the state of another model: a header of this format with another semantics, or
+        whose record contains the state of another model: a header of this format with another semantics, or
         with this semantics and another length."""
         invalid: list[tuple[str, str]] = []
         other_models: list[str] = []

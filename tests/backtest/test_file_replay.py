@@ -285,15 +285,15 @@ def test_failed_run_leaves_earlier_outputs(case, tmp_path, monkeypatch, failure)
 
 @pytest.mark.parametrize("text", ['[{"entity": "a", "features": [1, 2]}]\n',
                                   '[\n  {"entity": "a", "features": [1, 2]}\n]\n'])
-def test_json_array_file_rejected_with_the_format_it_needs(seed_net_factory, tmp_path, text):
+def test_json_array_file_rejected(seed_net_factory, tmp_path, text):
     _, path = seed_net_factory(input_dim=2)
     (tmp_path / "in.json").write_text(text)
 
-    with pytest.raises(ConfigError, match="holds a JSON array; streamer reads JSON Lines"):
+    with pytest.raises(ConfigError, match="contains a JSON array; streamer reads JSON Lines"):
         run_file_backtest(load_model(path), tmp_path / "in.json", tmp_path / "out.jsonl")
 
 
-def test_array_record_in_json_lines_is_a_dead_letter(seed_net_factory, tmp_path):
+def test_array_record_dead_lettered(seed_net_factory, tmp_path):
     _, path = seed_net_factory(input_dim=2)
     (tmp_path / "in.jsonl").write_text('[1, 2]\n{"entity": "a", "features": [1, 2]}\n')
 

@@ -216,7 +216,7 @@ def test_format_summary_lines(tmp_path):
     assert "1 zero targets left out of MAPE" in text
 
 
-def test_format_summary_names_duplicates_only_when_there_are_some(tmp_path):
+def test_format_summary_duplicates(tmp_path):
     with_duplicates = write_report(SMALL, tmp_path / "one", extra_summary={"events": 7, "duplicates": 3})
     without = write_report(SMALL, tmp_path / "two", extra_summary={"events": 7, "duplicates": 0})
 

@@ -154,7 +154,7 @@ def test_idle_expiry_independent_of_partition_interleaving(seed_net_factory):
     _, path = seed_net_factory("lstm")
     model = load_model(path)
     rng = np.random.default_rng(9)
-    events = []  # (partition, offset, entity, ts); partition p holds the entities "p-0" to "p-4"
+    events = []  # (partition, offset, entity, ts); partition p contains the entities "p-0" to "p-4"
     for partition in (0, 1):
         for offset in range(120):
             events.append((partition, offset, f"{partition}-{int(rng.integers(0, 5))}", offset * 10))

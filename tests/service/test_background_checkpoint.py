@@ -97,7 +97,7 @@ def test_loop_runs_during_pending_commit(kafka_bootstrap, tmp_path):
 
 def test_rejected_producer_is_replaced_and_outputs_delivered(kafka_bootstrap, tmp_path, monkeypatch):
     """After a batch expires unacknowledged, the broker rejects the idempotent producer's next batches for good
-    (OutOfOrderSequenceNumber); the service starts a new producer and delivers every output."""
+    (OutOfOrderSequenceNumber). The service starts a new producer and delivers every output."""
     from aiokafka.errors import KafkaTimeoutError, OutOfOrderSequenceNumber
 
     from streamer.kafka import service as service_module
@@ -135,7 +135,7 @@ def test_rejected_producer_is_replaced_and_outputs_delivered(kafka_bootstrap, tm
     assert rejected[0] == "KafkaTimeoutError"
 
 
-def test_stop_keeps_its_deadline_while_outputs_wait_for_acknowledgement(kafka_bootstrap, tmp_path, monkeypatch):
+def test_stop_deadline_during_unacknowledged_sends(kafka_bootstrap, tmp_path, monkeypatch):
     """A broker that stopped acknowledging (as during an outage) does not hold a stop past its deadline."""
     import time
 

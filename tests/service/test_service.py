@@ -130,7 +130,7 @@ def test_console_tools_interoperate(kafka_bootstrap, model_path, tmp_path):
                                                                                    for i in range(5)}
 
 
-def test_events_of_one_entity_from_two_topics_all_applied(kafka_bootstrap, model_path, tmp_path):
+def test_entity_events_from_two_topics(kafka_bootstrap, model_path, tmp_path):
     topics = names("two-topics")
     second = topics["input_topics"] + "-b"
     asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1, second: 1}))

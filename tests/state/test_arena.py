@@ -89,7 +89,7 @@ def test_capacity_smaller_than_batch_raises():
         arena.assign(["a", "b", "c"])
 
 
-def test_engine_applies_a_batch_wider_than_the_capacity_in_parts(seed_net_factory):
+def test_batch_wider_than_capacity_split(seed_net_factory):
     _, path = seed_net_factory()
     model = load_model(path)
     entities = ["a", "b", "a", "c", "d", "b", "e", "f", "a", "g"]
@@ -164,12 +164,13 @@ def test_offsets_of_other_streams_are_not_duplicates(seed_net_factory):
     first = engine.process(EventBatch.build(["a", "a"], features[:2], offsets=[40, 41], partitions=[0, 0]))
     other = engine.process(EventBatch.build(["a", "a"], features[2:4], offsets=[3, 4], partitions=[1, 1]))
     again = engine.process(EventBatch.build(["a"], features[4:5], offsets=[4], partitions=[1]))
-    # Two topics with the same partition number: the streams column tells them apart.
+    # Two topics with the same partition number: the streams column distinguishes them.
     topics = EventBatch.build(["a"], features[5:6], offsets=[4], partitions=[1])
     topics.streams = np.array([(1 << 32) | 1], np.int64)
     second_topic = engine.process(topics)
 
-    assert first.applied.all() and other.applied.all()
+    assert first.applied.all()
+    assert other.applied.all()
     assert other.steps.tolist() == [3, 4]
     assert again.duplicates == 1
     assert second_topic.applied.all()
@@ -221,7 +222,7 @@ def test_export_of_no_slots_is_empty():
 
 
 def test_loading_no_entities_into_an_empty_arena():
-    # A partition whose snapshot or changelog holds no entity loads nothing, even before the first page exists.
+    # A partition whose snapshot or changelog contains no entity loads nothing, even before the first page exists.
     arena = make_arena()
     empty = np.zeros(0, np.int64)
     slots = arena.load([], 0, empty, empty, empty, {"h": np.zeros((0, 2, 3), np.float32),

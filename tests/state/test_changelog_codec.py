@@ -15,7 +15,8 @@ def test_round_trip():
     assert [len(value) for value in values] == [HEADER_BYTES + 48] * 3
     assert values[0][0] == 1  # format version byte
     records, invalid, other_models = codec.decode(["a", "b", "c"], values)
-    assert invalid == [] and other_models == []
+    assert invalid == []
+    assert other_models == []
     assert records.entities == ["a", "b", "c"]
     assert records.fingerprints == [FINGERPRINT] * 3
     assert records.steps.tolist() == [1, 2, 3]
