@@ -231,17 +231,18 @@ class StagedFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._staging = staging_path(self.path)
-        self._file = self._staging.open("wb")
+        # The open temporary file, for writers that take a file object, such as pyarrow's.
+        self.file = self._staging.open("wb")
 
     def write(self, data: bytes) -> None:
-        self._file.write(data)
+        self.file.write(data)
 
     def commit(self) -> None:
-        self._file.close()
+        self.file.close()
         os.replace(self._staging, self.path)
 
     def discard(self) -> None:
-        self._file.close()
+        self.file.close()
         self._staging.unlink(missing_ok=True)
 
     def __enter__(self) -> StagedFile:
@@ -257,39 +258,37 @@ class StagedFile:
 class OutputWriter:
     """Write encoded JSON records to a JSON Lines or Parquet file.
 
-    The records go to a temporary file beside the path. ``close()`` moves it to the path and ``discard()``
-    removes it, so an existing file at the path changes only when a run completes. Used as a context
-    manager, the writer closes on success and discards on an exception.
+    The records go to a ``StagedFile``: ``close()`` moves it to the path and ``discard()`` removes it, so an
+    existing file at the path changes only when a run completes. Used as a context manager, the writer
+    closes on success and discards on an exception.
     """
 
     def __init__(self, path: str | Path, parquet_rows_per_group: int = 65536) -> None:
         self.path = Path(path)
-        self._suffix = _suffix(self.path, OUTPUT_SUFFIXES, "output")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._staging = staging_path(self.path)
+        self._lines = _suffix(self.path, OUTPUT_SUFFIXES, "output") != ".parquet"
+        self._staged = StagedFile(self.path)
         self._rows_per_group = parquet_rows_per_group
         self._pending: list[dict] = []
         self._parquet_writer = None
-        self._file = self._staging.open("wb") if self._suffix != ".parquet" else None
         self.count = 0
 
     @property
     def writes_lines(self) -> bool:
         """Return whether the file is JSON Lines, which ``write_lines`` accepts directly."""
-        return self._file is not None
+        return self._lines
 
     def write_lines(self, count: int, lines: bytes) -> None:
         """Append ``count`` records already encoded as JSON Lines, each ending in a newline."""
-        if self._file is None:
+        if not self._lines:
             raise ValueError(f"{self.path} is a Parquet file: write encoded records with write()")
         self.count += count
-        self._file.write(lines)
+        self._staged.write(lines)
 
     def write(self, values: list[bytes]) -> None:
         self.count += len(values)
-        if self._file is not None:
+        if self._lines:
             if values:
-                self._file.write(b"\n".join(values) + b"\n")
+                self._staged.write(b"\n".join(values) + b"\n")
             return
         self._pending.extend(self._parquet_row(orjson.loads(value)) for value in values)
         if len(self._pending) >= self._rows_per_group:
@@ -315,32 +314,28 @@ class OutputWriter:
             targets = pa.list_(pa.float64())
             table = table.set_column(column, pa.field("target", targets), pa.nulls(len(table), targets))
         if self._parquet_writer is None:
-            self._parquet_writer = pq.ParquetWriter(self._staging, table.schema)
+            self._parquet_writer = pq.ParquetWriter(self._staged.file, table.schema)
         self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
         self._pending = []
 
     def close(self) -> None:
         """Finish the file and move it to its path."""
-        if self._file is not None:
-            self._file.close()
-        else:
+        if not self._lines:
             self._flush_parquet()
             if self._parquet_writer is None:
                 import pyarrow as pa
                 import pyarrow.parquet as pq
 
-                pq.write_table(pa.table({"entity": pa.array([], pa.string())}), self._staging)
+                pq.write_table(pa.table({"entity": pa.array([], pa.string())}), self._staged.file)
             else:
-                self._parquet_writer.close()
-        os.replace(self._staging, self.path)
+                self._parquet_writer.close()  # writes the footer; the file stays open for commit()
+        self._staged.commit()
 
     def discard(self) -> None:
         """Remove what was written; the file at the path, if any, stays as it was."""
-        if self._file is not None:
-            self._file.close()
-        elif self._parquet_writer is not None:
+        if self._parquet_writer is not None:
             self._parquet_writer.close()
-        self._staging.unlink(missing_ok=True)
+        self._staged.discard()
 
     def __enter__(self) -> OutputWriter:
         return self
