@@ -54,9 +54,9 @@ async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_
 def _check_created(response) -> list[str]:
     """Return the topics a CreateTopics response created; raise for a topic the broker refused.
 
-    A topic that already exists (another member created it first) is fine. A refusal that a retry cannot
+    A topic that already exists (another member created it first) is fine. A rejection that a retry cannot
     change, such as a replication factor above the number of brokers or an invalid name, raises
-    ``ConfigError`` with the broker's reason. Other refusals raise ``BrokerError``, which callers retry.
+    ``ConfigError`` with the broker's reason. Other rejections raise ``BrokerError``, which callers retry.
     """
     created = []
     for topic_error in response.topic_errors:
@@ -68,7 +68,7 @@ def _check_created(response) -> list[str]:
         error_type = for_code(code)
         if error_type is TopicAlreadyExistsError:
             continue
-        reason = f"Cannot create topic {topic!r}: the broker refused it with {error_type.__name__}"
+        reason = f"Cannot create topic {topic!r}: the broker rejected it with {error_type.__name__}"
         reason += f" ({message})" if message else ""
         if error_type.retriable:
             raise BrokerError(reason)
@@ -89,9 +89,9 @@ async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, requ
             code = topic_error[1]
             # InvalidPartitions: another member added them first, so the count is already at least this one.
             if code not in (0, InvalidPartitionsError.errno):
-                error_type = for_code(code)
-                raise BrokerError(f"Cannot add partitions to {topic!r}: the broker refused with {error_type.__name__}"
-                                  + (f" ({topic_error[2]})" if len(topic_error) > 2 and topic_error[2] else ""))
+                detail = f" ({topic_error[2]})" if len(topic_error) > 2 and topic_error[2] else ""
+                raise BrokerError(f"Cannot add partitions to {topic!r}: the broker rejected the request with "
+                                  f"{for_code(code).__name__}{detail}")
         counts = await _partition_counts(admin, [topic])
         logger.info("Topic %s now has %d partitions (had %d)", topic, counts[topic], current)
         return counts[topic]

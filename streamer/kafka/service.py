@@ -533,8 +533,10 @@ class StreamerService:
         await self._check_retained_offsets(new)
 
     async def _check_retained_offsets(self, partitions: set[TopicPartition]) -> None:
-        """Log and count partitions whose committed offset is below the log start (records deleted); log
-        those whose committed offset is past the log end (the topic was deleted and created again).
+        """Log and count partitions whose committed offset is below the log start, because records were deleted.
+
+        Also log partitions whose committed offset is past the log end, as after a topic was deleted and
+        created again.
 
         Also records each partition's committed offset as the checkpointer's, unless a checkpoint already
         committed a newer one, so that a partition revoked before its first commit can be parked.

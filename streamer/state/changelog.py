@@ -73,9 +73,11 @@ class StateCodec:
 
     def decode(self, entities: list[str], values: list[bytes]
                ) -> tuple[StateRecords, list[tuple[str, str]], list[str]]:
-        """Decode records; return the valid ones, ``(entity, reason)`` for each invalid one, and the entities
-        whose record contains the state of another model: a header of this format with another semantics, or
-        with this semantics and another length."""
+        """Decode records into the valid ones, ``(entity, reason)`` per invalid one and other models' entities.
+
+        A record of another model has a header of this format, with another semantics, or with this
+        semantics and another length.
+        """
         invalid: list[tuple[str, str]] = []
         other_models: list[str] = []
         good = [i for i, value in enumerate(values) if len(value) == self.record_bytes]

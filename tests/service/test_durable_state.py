@@ -94,6 +94,14 @@ def wait_for_outputs(service: ServiceProcess, count: float, timeout_s: float = 6
         time.sleep(0.05)
 
 
+def run_until_outputs(tmp_path, settings: dict, count: int) -> None:
+    """Run a service until it has produced ``count`` outputs, then stop it with SIGTERM."""
+    service = ServiceProcess(tmp_path, **settings)
+    service.wait_ready()
+    wait_for_outputs(service, count)
+    assert service.stop() == 0, service.log()
+
+
 def run_with_interruption(tmp_path, bootstrap, model_path, topics, events, stop_signal, **extra):
     """Run a service until some outputs exist, stop it with ``stop_signal``, then run a second one to the end."""
     settings = dict(model=model_path, bootstrap_servers=bootstrap, topic_partitions=PARTITIONS, changelog="true",
@@ -214,16 +222,16 @@ def test_model_mismatch_policies(kafka_bootstrap, model_path, tmp_path):
     # A model with another hidden size writes records of another length: also state of another model.
     wider_model = tmp_path / "wider.pt"
     torch.save(SeedNet(4, 24, 5, 1, 2).eval().state_dict(), wider_model)
-    refusing_wider = ServiceProcess(tmp_path, model=wider_model, model_mismatch="fail", **settings)
-    assert refusing_wider.process.wait(60) == 2, refusing_wider.log()
-    assert "another model" in refusing_wider.log()
-    refusing_wider.kill()
+    wider_member = ServiceProcess(tmp_path, model=wider_model, model_mismatch="fail", **settings)
+    assert wider_member.process.wait(60) == 2, wider_member.log()
+    assert "another model" in wider_member.log()
+    wider_member.kill()
     # The same weights in window semantics keep another state: a ring of inputs instead of (h, c).
-    refusing_window = ServiceProcess(tmp_path, model=model_path, model_mismatch="fail", semantics="window",
+    window_member = ServiceProcess(tmp_path, model=model_path, model_mismatch="fail", semantics="window",
                                      seq_len=5, **settings)
-    assert refusing_window.process.wait(60) == 2, refusing_window.log()
-    assert "another model" in refusing_window.log()
-    refusing_window.kill()
+    assert window_member.process.wait(60) == 2, window_member.log()
+    assert "another model" in window_member.log()
+    window_member.kill()
 
     asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[100:]))
     resetting = ServiceProcess(tmp_path, model=other_model, model_mismatch="reset", **settings)
@@ -323,10 +331,7 @@ def test_input_topic_created_again_restarts_offsets(kafka_bootstrap, model_path,
     asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:80]))
     settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1, changelog="true",
                     **topics)
-    first = ServiceProcess(tmp_path, **settings)
-    first.wait_ready()
-    wait_for_outputs(first, 80)
-    assert first.stop() == 0, first.log()
+    run_until_outputs(tmp_path, settings, 80)
 
     async def create_again() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
@@ -375,10 +380,7 @@ def test_partitions_added_to_the_input_extend_the_changelog(kafka_bootstrap, mod
     asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:80]))
     settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS,
                     changelog="true", **topics)
-    first = ServiceProcess(tmp_path, **settings)
-    first.wait_ready()
-    wait_for_outputs(first, 80)
-    assert first.stop() == 0, first.log()
+    run_until_outputs(tmp_path, settings, 80)
 
     async def add_partition() -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
