@@ -50,7 +50,8 @@ def backtest(
                                               "(repeat for several topics)."),
     bootstrap_servers: Optional[str] = typer.Option(None, help="Kafka bootstrap servers (host:port,...) for --topic "
                                                     "(default: the local broker started with `streamer kafka "
-                                                    "start`)."),
+                                                    "start`). TLS and SASL come from the STREAMER_SECURITY_PROTOCOL, "
+                                                    "STREAMER_SASL_* and STREAMER_SSL_* variables, as for `run`."),
     from_: str = typer.Option("earliest", "--from", help="Range start for --topic: earliest, latest, epoch ms, "
                               "ISO-8601 (UTC when no zone), or offsets per partition such as 0:100,1:250. Times "
                               "compare with the Kafka record timestamps, not the events' ts fields; an offset "
@@ -133,12 +134,22 @@ def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], boots
     bootstrap_servers = bootstrap_servers or _local_bootstrap_servers()
     spec = TopicReplaySpec(bootstrap_servers=bootstrap_servers, topics=tuple(topics),
                            start=parse_range_bound(start, "--from"), end=parse_range_bound(end, "--to"),
-                           request_timeout_ms=request_timeout_ms)
+                           request_timeout_ms=request_timeout_ms, security=_security_from_environment())
     backtest_topic_command(model=model, spec=spec, output_path=output, output_topic=output_topic,
                            allow_existing_output=allow_existing_output, semantics=semantics, seq_len=seq_len,
                            batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
                            report_dir=report_dir, compare_window=compare_window, target=target,
                            initial_state=initial_state)
+
+
+def _security_from_environment():
+    """Return the TLS and SASL settings of the ``STREAMER_*`` variables, which `run` reads too."""
+    from streamer.config import load_settings
+    from streamer.kafka.security import KafkaSecurity
+
+    security = KafkaSecurity.from_settings(load_settings())
+    security.client_options()  # loads the TLS certificates now, so that a bad file stops the start
+    return security
 
 
 def _flag(default, name: str, text: str, **options):
@@ -171,6 +182,20 @@ def run(
     input_topics: Optional[str] = _flag(None, "input_topics", "Comma-separated input topics."),
     output_topic: Optional[str] = _flag(None, "output_topic", "Output topic."),
     dead_letter_topic: Optional[str] = _flag(None, "dead_letter_topic", "Dead-letter topic."),
+    security_protocol: Optional[str] = _flag(None, "security_protocol", "How clients connect to the brokers: "
+                                             "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."),
+    sasl_mechanism: Optional[str] = _flag(None, "sasl_mechanism", "SASL mechanism: PLAIN, SCRAM-SHA-256 or "
+                                          "SCRAM-SHA-512. The password comes from STREAMER_SASL_PASSWORD or the "
+                                          "settings file, never a flag."),
+    sasl_username: Optional[str] = _flag(None, "sasl_username", "SASL user name."),
+    ssl_cafile: Optional[Path] = _flag(None, "ssl_cafile", "PEM certificates the brokers' certificates must chain "
+                                       "to (default: the system's trusted certificates)."),
+    ssl_certfile: Optional[Path] = _flag(None, "ssl_certfile", "PEM client certificate, for brokers that require "
+                                         "one."),
+    ssl_keyfile: Optional[Path] = _flag(None, "ssl_keyfile", "Unencrypted PEM key of the client certificate."),
+    ssl_check_hostname: Optional[bool] = typer.Option(
+        None, "--ssl-check-hostname/--no-ssl-check-hostname", show_default=False,
+        help=env_help("Check that each broker's certificate names its host (default: check).", "ssl_check_hostname")),
     group_id: Optional[str] = _flag(None, "group_id", "Consumer group id."),
     group_instance_id: Optional[str] = _flag(None, "group_instance_id", "Static membership id (group.instance.id)."),
     session_timeout_ms: Optional[int] = _flag(None, "session_timeout_ms", "Time without heartbeats after which "

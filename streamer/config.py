@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, TomlConfigSettingsSource
 
 from streamer.errors import ConfigError
@@ -42,6 +42,18 @@ class Settings(BaseSettings):
     input_topics: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["events"], description="input topics")
     output_topic: str = Field("predictions", description="output topic")
     dead_letter_topic: str = Field("events-dead-letter", description="dead-letter topic")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="how clients connect to the brokers (security.protocol)")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism for the SASL_* protocols (sasl.mechanism)")
+    sasl_username: str | None = Field(None, description="SASL user name")
+    sasl_password: SecretStr | None = Field(None, description="SASL password; from the environment or the "
+                                            "settings file only, never a flag")
+    ssl_cafile: Path | None = Field(None, description="PEM certificates the brokers' certificates must chain to "
+                                    "(default: the system's trusted certificates)")
+    ssl_certfile: Path | None = Field(None, description="PEM client certificate, for brokers that require one")
+    ssl_keyfile: Path | None = Field(None, description="unencrypted PEM key of the client certificate")
+    ssl_check_hostname: bool = Field(True, description="check that a broker's certificate names its host")
     group_id: str = Field("streamer", description="consumer group id")
     group_instance_id: str | None = Field(None, description="static membership id (group.instance.id)")
     session_timeout_ms: int = Field(10_000, ge=1, description="time without heartbeats after which the group "
@@ -83,7 +95,7 @@ class Settings(BaseSettings):
 
     def effective(self) -> dict[str, Any]:
         """Settings as a plain dict for the one-line startup log."""
-        return {name: (str(value) if isinstance(value, Path) else value)
+        return {name: (str(value) if isinstance(value, (Path, SecretStr)) else value)
                 for name, value in self.model_dump().items()}
 
 

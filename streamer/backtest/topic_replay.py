@@ -50,6 +50,7 @@ from streamer.kafka.fetched import stream_numbers
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.range_reader import RangeReader
 from streamer.kafka.restore import restore_partition
+from streamer.kafka.security import PLAINTEXT, KafkaSecurity
 from streamer.model.network import RecurrentModel
 from streamer.state.changelog import StateCodec, changelog_topic
 from streamer.state.snapshot import read_snapshot
@@ -168,14 +169,16 @@ def _named_partitions(bound: RangeBound, topics: Sequence[str]) -> dict[TopicPar
     return named
 
 
-async def describe_partitions(bootstrap_servers: str, topics: Sequence[str], request_timeout_ms: int
+async def describe_partitions(bootstrap_servers: str, topics: Sequence[str], request_timeout_ms: int, *,
+                              security: KafkaSecurity = PLAINTEXT
                               ) -> dict[str, list[dict[str, Any]]]:
     """Return each topic's partition descriptions (``partition``, ``replicas``, ...) from the admin client.
 
     Raises ConfigError for an unknown topic. Existence is checked with a list of all topics first, because a
     metadata request that names a topic creates it on a broker with ``auto.create.topics.enable``.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                                request_timeout_ms=request_timeout_ms)
     await _start(admin, "admin client", bootstrap_servers)
     try:
         existing = set(await admin.list_topics())
@@ -463,6 +466,7 @@ class TopicReplaySpec:
     end: RangeBound = RangeBound("latest")
     request_timeout_ms: int = 30_000
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S
+    security: KafkaSecurity = PLAINTEXT
 
 
 def run_topic_backtest(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None = None,
@@ -537,7 +541,8 @@ async def load_initial_state(engine: Engine, model: RecurrentModel, spec: TopicR
         return
     topic = changelog_topic(group)
     try:
-        changelog_partitions = await describe_partitions(spec.bootstrap_servers, [topic], spec.request_timeout_ms)
+        changelog_partitions = await describe_partitions(spec.bootstrap_servers, [topic], spec.request_timeout_ms,
+                                                         security=spec.security)
     except ConfigError:
         raise ConfigError(f"Changelog topic {topic} of group {group} not found on {spec.bootstrap_servers}: "
                           "check the group id of --initial-state; only groups run with --changelog have one") from None
@@ -553,7 +558,8 @@ async def load_initial_state(engine: Engine, model: RecurrentModel, spec: TopicR
                 engine.arena.load(snapshot.entities, partition, snapshot.steps, snapshot.last_offsets,
                                   snapshot.last_ts_ms, codec.split_rows(snapshot.rows))
                 start_offset = snapshot.next_offset
-        result = await restore_partition(bootstrap_servers=spec.bootstrap_servers, topic=topic, partition=partition,
+        result = await restore_partition(bootstrap_servers=spec.bootstrap_servers, security=spec.security,
+                                         topic=topic, partition=partition,
                                          codec=codec, arena=engine.arena, fingerprint=model.fingerprint,
                                          mismatch_policy="reset", request_timeout_ms=spec.request_timeout_ms,
                                          start_offset=start_offset)
@@ -567,7 +573,8 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
                   idle_expiry_ms: int | None, max_record_bytes: int, initial_state: str,
                   target_feature: int | None, progress: bool | None) -> TopicBacktestResult:
     _check_arguments(spec, output_path, output_topic, dead_letter_path, batch_size, initial_state)
-    described = await describe_partitions(spec.bootstrap_servers, spec.topics, spec.request_timeout_ms)
+    described = await describe_partitions(spec.bootstrap_servers, spec.topics, spec.request_timeout_ms,
+                                          security=spec.security)
     input_partitions = {topic: len(described[topic]) for topic in spec.topics}
     if output_path is not None:
         output_path = Path(output_path)
@@ -578,7 +585,8 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
     result = TopicBacktestResult(output_path=output_path, dead_letter_path=dead_letter_path,
                                  output_topic=output_topic, semantics=semantics)
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=spec.bootstrap_servers, group_id=None, enable_auto_commit=False,
+        bootstrap_servers=spec.bootstrap_servers, **spec.security.client_options(), group_id=None,
+        enable_auto_commit=False,
         auto_offset_reset="none", isolation_level="read_committed", request_timeout_ms=spec.request_timeout_ms,
     )
     producer: AIOKafkaProducer | None = None
@@ -590,7 +598,8 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
     if batch_size is None:
         batch_size = max(1, ROUND_EVENTS // max(1, len(result.ranges)))
     result.batch_size = batch_size
-    client = AIOKafkaClient(bootstrap_servers=spec.bootstrap_servers, request_timeout_ms=spec.request_timeout_ms)
+    client = AIOKafkaClient(bootstrap_servers=spec.bootstrap_servers, **spec.security.client_options(),
+                            request_timeout_ms=spec.request_timeout_ms)
     await _start(client, "client", spec.bootstrap_servers)
     try:
         await client.set_topics(list(spec.topics))
@@ -603,7 +612,8 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
         else:
             output_partitions = await _prepare_output_topic(spec, output_topic, allow_existing_output,
                                                             described[spec.topics[0]])
-            producer = AIOKafkaProducer(bootstrap_servers=spec.bootstrap_servers, enable_idempotence=True,
+            producer = AIOKafkaProducer(bootstrap_servers=spec.bootstrap_servers, **spec.security.client_options(),
+                                        enable_idempotence=True,
                                         acks="all", linger_ms=5, max_batch_size=1 << 20,
                                         max_request_size=TOPIC_MAX_MESSAGE_BYTES,
                                         request_timeout_ms=spec.request_timeout_ms)
@@ -739,15 +749,17 @@ async def _prepare_output_topic(spec: TopicReplaySpec, output_topic: str, allow_
     A missing output topic gets the partition count and replication factor of the first input topic.
     """
     try:
-        described = await describe_partitions(spec.bootstrap_servers, [output_topic], spec.request_timeout_ms)
+        described = await describe_partitions(spec.bootstrap_servers, [output_topic], spec.request_timeout_ms,
+                                              security=spec.security)
     except ConfigError:
         replication = len(input_layout[0]["replicas"]) if input_layout else 1
         await ensure_topics(spec.bootstrap_servers, [TopicSpec(output_topic, len(input_layout), replication)],
-                            spec.request_timeout_ms)
+                            spec.request_timeout_ms, security=spec.security)
         logger.info("Created output topic %s with %d partitions", output_topic, len(input_layout))
         return len(input_layout)
     partitions = [TopicPartition(output_topic, item["partition"]) for item in described[output_topic]]
-    probe = AIOKafkaConsumer(bootstrap_servers=spec.bootstrap_servers, group_id=None, enable_auto_commit=False,
+    probe = AIOKafkaConsumer(bootstrap_servers=spec.bootstrap_servers, **spec.security.client_options(),
+                             group_id=None, enable_auto_commit=False,
                              request_timeout_ms=spec.request_timeout_ms)
     await _start(probe, "consumer", spec.bootstrap_servers)
     try:

@@ -10,6 +10,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.errors import InvalidPartitionsError, TopicAlreadyExistsError, for_code
 
 from streamer.errors import BrokerError, ConfigError
+from streamer.kafka.security import PLAINTEXT, KafkaSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +29,11 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_timeout_ms: int) -> dict[str, int]:
+async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_timeout_ms: int, *,
+                        security: KafkaSecurity = PLAINTEXT) -> dict[str, int]:
     """Create the missing topics and return the partition count of every named topic."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                                request_timeout_ms=request_timeout_ms)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -76,9 +79,11 @@ def _check_created(response) -> list[str]:
     return created
 
 
-async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, request_timeout_ms: int) -> int:
+async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, request_timeout_ms: int, *,
+                            security: KafkaSecurity = PLAINTEXT) -> int:
     """Add partitions to ``topic`` until it has at least ``count``; return its partition count."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                                request_timeout_ms=request_timeout_ms)
     await admin.start()
     try:
         current = (await _partition_counts(admin, [topic]))[topic]
@@ -99,9 +104,11 @@ async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, requ
         await admin.close()
 
 
-async def list_topics(bootstrap_servers: str, request_timeout_ms: int) -> set[str]:
+async def list_topics(bootstrap_servers: str, request_timeout_ms: int, *,
+                      security: KafkaSecurity = PLAINTEXT) -> set[str]:
     """Return the names of the topics on the cluster."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=request_timeout_ms)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                                request_timeout_ms=request_timeout_ms)
     await admin.start()
     try:
         return set(await admin.list_topics())

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -152,6 +152,8 @@ class LocalKafka:
         *,
         controller_port: int | None = None,
         cache_root: Path | None = None,
+        extra_listeners: Mapping[str, int] | None = None,
+        extra_properties: Mapping[str, str] | None = None,
     ) -> None:
         for name, value in (("port", port), ("controller_port", controller_port)):
             if value is not None and not 0 < value < 65536:
@@ -161,6 +163,10 @@ class LocalKafka:
         self.cache_root = cache_root
         self._port = port
         self._controller_port = controller_port
+        # More client listeners, named by their security protocol (SSL, SASL_PLAINTEXT, SASL_SSL), with their
+        # ports, and the broker properties they need (keystores, JAAS configuration).
+        self.extra_listeners = dict(extra_listeners or {})
+        self.extra_properties = dict(extra_properties or {})
         self._process: subprocess.Popen[bytes] | None = None
         self._pid: int | None = None
         self._detached = False
@@ -343,15 +349,18 @@ class LocalKafka:
             raise BrokerError(f"broker and controller ports must differ, both are {self._port}")
 
     def _write_properties(self) -> None:
+        extra = [f"{name}://{HOST}:{port}" for name, port in self.extra_listeners.items()]
         properties = {
             "process.roles": "broker,controller",
             "node.id": str(NODE_ID),
             # A static voter set keeps the quorum independent of the ports in
             # the formatted storage, so a restart may use other ports.
             "controller.quorum.voters": f"{NODE_ID}@{HOST}:{self._controller_port}",
-            "listeners": f"PLAINTEXT://{HOST}:{self._port},CONTROLLER://{HOST}:{self._controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{HOST}:{self._port}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listeners": ",".join([f"PLAINTEXT://{HOST}:{self._port}", f"CONTROLLER://{HOST}:{self._controller_port}",
+                                   *extra]),
+            "advertised.listeners": ",".join([f"PLAINTEXT://{HOST}:{self._port}", *extra]),
+            "listener.security.protocol.map": ",".join(["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT",
+                                                        *(f"{name}:{name}" for name in self.extra_listeners)]),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "log.dirs": str(self.log_dir),
@@ -371,6 +380,7 @@ class LocalKafka:
             "group.initial.rebalance.delay.ms": "0",
             "log.segment.bytes": str(16 * 1024 * 1024),
             "log.retention.hours": "168",
+            **self.extra_properties,
         }
         lines = ["# Written by streamer.kafka.local_broker on every start."]
         lines += [f"{key}={value}" for key, value in properties.items()]

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from streamer.errors import StateError
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES
+from streamer.kafka.security import PLAINTEXT, KafkaSecurity
 from streamer.state.arena import StateArena
 from streamer.state.changelog import StateCodec
 
@@ -40,7 +41,8 @@ class RestoreResult:
 
 async def restore_partition(*, bootstrap_servers: str, topic: str, partition: int, codec: StateCodec,
                             arena: StateArena, fingerprint: str, mismatch_policy: str,
-                            request_timeout_ms: int = 10_000, start_offset: int | None = None) -> RestoreResult:
+                            request_timeout_ms: int = 10_000, start_offset: int | None = None,
+                            security: KafkaSecurity = PLAINTEXT) -> RestoreResult:
     """Load the latest state of every entity of ``partition`` from the changelog into ``arena``.
 
     Records are read with read_committed up to the end offset found at the start, so states of aborted
@@ -53,15 +55,15 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
     """
     result = RestoreResult(partition)
     started = time.monotonic()
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                                isolation_level="read_committed", auto_offset_reset="earliest",
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                                enable_auto_commit=False, isolation_level="read_committed", auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, fetch_max_bytes=64 << 20,
                                 request_timeout_ms=max(request_timeout_ms, 40_000))
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)
         consumer.assign([tp])
-        result.end_offset = await _stable_end_offset(consumer, tp, bootstrap_servers, request_timeout_ms)
+        result.end_offset = await _stable_end_offset(consumer, tp, bootstrap_servers, request_timeout_ms, security)
         beginning = (await consumer.beginning_offsets([tp]))[tp]
         if start_offset is not None and start_offset >= beginning:
             consumer.seek(tp, min(start_offset, result.end_offset))
@@ -76,7 +78,7 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
 
 
 async def _stable_end_offset(consumer: AIOKafkaConsumer, tp: TopicPartition, bootstrap_servers: str,
-                             request_timeout_ms: int) -> int:
+                             request_timeout_ms: int, security: KafkaSecurity) -> int:
     """Wait until no open transaction holds back the partition, then return its end offset.
 
     A read_committed consumer sees records only below the last stable offset, which an open transaction of
@@ -84,7 +86,7 @@ async def _stable_end_offset(consumer: AIOKafkaConsumer, tp: TopicPartition, boo
     committed above that offset by later owners must be restored too, so the restore reads to the high
     watermark once the last stable offset has reached it.
     """
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, **security.client_options(), enable_auto_commit=False,
                               isolation_level="read_uncommitted", request_timeout_ms=max(request_timeout_ms, 40_000))
     await reader.start()
     try:

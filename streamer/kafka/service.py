@@ -31,6 +31,7 @@ from streamer.kafka.fetched import FetchedBatch, stream_numbers
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.restore import restore_partition
 from streamer.kafka.retry import retry
+from streamer.kafka.security import KafkaSecurity
 from streamer.metrics import MetricsServer, StreamerMetrics
 from streamer.model import RecurrentModel, load_model
 from streamer.state.changelog import StateCodec, changelog_topic
@@ -99,6 +100,8 @@ class StreamerService:
             raise ConfigError("The changelog needs exactly one input topic, because state records are placed "
                               "by input partition number")
         self.settings = settings
+        self.security = KafkaSecurity.from_settings(settings)
+        self.security.client_options()  # loads the TLS certificates now, so that a bad file stops the start
         self.exactly_once = settings.guarantee == "exactly-once"
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
@@ -219,6 +222,7 @@ class StreamerService:
         4. Stop the producer and the metrics server.
         """
         logger.info("Starting streamer %s: %s", __version__, self.settings.effective())
+        logger.info("Kafka clients connect to %s over %s", self.settings.bootstrap_servers, self.security.describe())
         self.metrics_server = MetricsServer(self.metrics, self.settings.metrics_host, self.settings.metrics_port,
                                             liveness=self.liveness, readiness=self.readiness)
         try:
@@ -259,7 +263,8 @@ class StreamerService:
     def _new_producer(self) -> AIOKafkaProducer:
         settings = self.settings
         producer_options = dict(
-            bootstrap_servers=settings.bootstrap_servers, enable_idempotence=True, acks="all",
+            bootstrap_servers=settings.bootstrap_servers, **self.security.client_options(),
+            enable_idempotence=True, acks="all",
             linger_ms=settings.linger_ms,
             max_batch_size=1 << 20, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
             request_timeout_ms=settings.request_timeout_ms,
@@ -275,7 +280,7 @@ class StreamerService:
         self.producer = self._new_producer()
         self._producer_out_of_step = False
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, group_id=settings.group_id,
+            bootstrap_servers=settings.bootstrap_servers, **self.security.client_options(), group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(1, min(DEFAULT_HEARTBEAT_INTERVAL_MS, settings.session_timeout_ms // 3)),
@@ -339,14 +344,15 @@ class StreamerService:
             self._changelog_partitions = await retry(
                 "add changelog partitions",
                 lambda: ensure_partitions(settings.bootstrap_servers, self.changelog_topic, count,
-                                          settings.request_timeout_ms),
+                                          settings.request_timeout_ms, security=self.security),
                 timeout_s=3 * settings.request_timeout_ms / 1000, max_attempts=5,
                 stopping=self._stop_requested.is_set, on_retry=self._count_retry)
 
     async def _create_topics(self, specs: list[TopicSpec]) -> dict[str, int]:
         settings = self.settings
         return await retry("create topics",
-                           lambda: ensure_topics(settings.bootstrap_servers, specs, settings.request_timeout_ms),
+                           lambda: ensure_topics(settings.bootstrap_servers, specs, settings.request_timeout_ms,
+                                                 security=self.security),
                            timeout_s=3 * settings.request_timeout_ms / 1000, stopping=self._stop_requested.is_set,
                            on_retry=self._count_retry)
 
@@ -589,7 +595,8 @@ class StreamerService:
             await self._ensure_changelog_partitions(tp.partition + 1)
             start_offset = await self._load_snapshot(tp.partition)
             result = await restore_partition(
-                bootstrap_servers=settings.bootstrap_servers, topic=self.changelog_topic, partition=tp.partition,
+                bootstrap_servers=settings.bootstrap_servers, security=self.security, topic=self.changelog_topic,
+                partition=tp.partition,
                 codec=self.codec, arena=self.engine.arena, fingerprint=self.model.fingerprint,
                 mismatch_policy=settings.model_mismatch, request_timeout_ms=settings.request_timeout_ms,
                 start_offset=start_offset)
