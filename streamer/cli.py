@@ -208,6 +208,8 @@ def run(
     fetch_max_wait_ms: Optional[int] = _flag(None, "fetch_max_wait_ms", "Longest wait for a batch to fill, in ms."),
     fetch_min_bytes: Optional[int] = _flag(None, "fetch_min_bytes", "Bytes a fetch waits for (fetch.min.bytes)."),
     linger_ms: Optional[int] = _flag(None, "linger_ms", "Producer wait for more outputs per request (linger.ms)."),
+    compression_type: Optional[str] = _flag(None, "compression_type", "Compression of produced record batches: "
+                                            "none, gzip, snappy, lz4 or zstd (compression.type)."),
     request_timeout_ms: Optional[int] = _flag(None, "request_timeout_ms", "Timeout of each broker call, in ms."),
     shutdown_timeout_s: Optional[float] = _flag(None, "shutdown_timeout_s", "Deadline for a clean stop, in s."),
     max_entities: Optional[int] = _flag(None, "max_entities", "State capacity; LRU entities are evicted."),
@@ -431,7 +433,8 @@ def main() -> None:
     Exit codes: 2 for invalid input, settings or models and for local broker failures, 1 for file system
     errors and failed Kafka requests (an unreachable broker included).
     """
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import (KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError,
+                                 RequestTimedOutError)
 
     from streamer.errors import BrokerError
     from streamer.kafka.local_broker import BrokerError as LocalBrokerError
@@ -453,8 +456,9 @@ def main() -> None:
         raise SystemExit(1) from None
     except KafkaError as error:
         logging.getLogger(__name__).debug("Kafka request failed", exc_info=True)
-        typer.echo(f"error: Kafka request failed: {error!r}; check --bootstrap-servers and that the broker runs",
-                   err=True)
+        hint = "; check --bootstrap-servers and that the broker runs" if isinstance(
+            error, (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError)) else ""
+        typer.echo(f"error: Kafka request failed: {error!r}{hint}", err=True)
         raise SystemExit(1) from None
 
 

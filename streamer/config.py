@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     fetch_max_wait_ms: int = Field(20, ge=0, description="maximum wait for a batch to fill, in ms")
     fetch_min_bytes: int = Field(1, ge=1, description="bytes a fetch waits for, up to the maximum wait")
     linger_ms: int = Field(0, ge=0, description="producer wait for more outputs per request (linger.ms)")
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="compression of the record batches the member produces (compression.type)")
     request_timeout_ms: int = Field(10_000, ge=100, description="timeout of each broker call")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="deadline for a clean stop after SIGTERM/SIGINT")
     guarantee: Literal["at-least-once", "exactly-once"] = Field("at-least-once", description="delivery guarantee")

@@ -58,8 +58,11 @@ def console_produce(
     *,
     timeout_s: float = 60.0,
     version: str = DEFAULT_KAFKA_VERSION,
+    compression: str = "none",
 ) -> None:
     """Write ``(key, value)`` records to ``topic`` with Kafka's console producer, acks=all.
+
+    ``compression`` is the producer's ``compression.type``: none, gzip, snappy, lz4 or zstd.
 
     Keys and values must be UTF-8 text without line breaks, because the tool
     reads one record per line and encodes it as UTF-8. Keys must not contain a
@@ -71,7 +74,7 @@ def console_produce(
     """
     lines = [_encode_input_line(key, value) for key, value in records]
     command = [
-        *_java_command(version, CONSOLE_PRODUCER_MAIN_CLASS),
+        *tool_command(version, CONSOLE_PRODUCER_MAIN_CLASS),
         "--bootstrap-server",
         bootstrap,
         "--topic",
@@ -84,6 +87,8 @@ def console_produce(
         f"key.separator={KEY_SEPARATOR}",
         "--property",
         f"null.marker={NULL_MARKER}",
+        "--compression-codec",
+        compression,
     ]
     stdin = "".join(line + "\n" for line in lines).encode("utf-8")
     _run_tool(command, stdin, timeout_s + JVM_STARTUP_ALLOWANCE_S, "console producer")
@@ -120,7 +125,7 @@ def console_consume(
         raise ValueError(f"max_messages must be at least 1, got {max_messages}")
 
     command = [
-        *_java_command(version, CONSOLE_CONSUMER_MAIN_CLASS),
+        *tool_command(version, CONSOLE_CONSUMER_MAIN_CLASS),
         "--bootstrap-server",
         bootstrap,
         "--topic",
@@ -182,7 +187,8 @@ def _decode_output(output: bytes) -> list[Record]:
     return records
 
 
-def _java_command(version: str, main_class: str) -> list[str]:
+def tool_command(version: str, main_class: str) -> list[str]:
+    """Return the command line that runs ``main_class`` of the Kafka jars of ``version`` (fetched if missing)."""
     libs_dir: Path = fetch_kafka_jars(version)
     return [
         java_executable(),

@@ -266,6 +266,7 @@ class StreamerService:
             bootstrap_servers=settings.bootstrap_servers, **self.security.client_options(),
             enable_idempotence=True, acks="all",
             linger_ms=settings.linger_ms,
+            compression_type=None if settings.compression_type == "none" else settings.compression_type,
             max_batch_size=1 << 20, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
             request_timeout_ms=settings.request_timeout_ms,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,8 @@ from streamer.backtest.file_replay import run_file_backtest
 from streamer.config import Settings
 from streamer.io.files import read_outputs
 from streamer.io.outputs import HEADER_REASON, HEADER_SOURCE_OFFSET, HEADER_SOURCE_PARTITION, HEADER_SOURCE_TOPIC
-from streamer.kafka.console_tools import console_consume, console_produce
+from streamer.kafka.console_tools import console_consume, console_produce, tool_command
+from streamer.kafka.jars import DEFAULT_KAFKA_VERSION
 from streamer.kafka.service import StreamerService
 from streamer.model import SeedNet, load_model
 from tests.conftest import CASES_DIR
@@ -287,3 +289,39 @@ def test_session_timeout_rejected_by_broker(kafka_bootstrap, tmp_path):
 
     assert result.returncode == 2, result.stderr
     assert "error: Invalid session timeout 1000 ms (--session-timeout-ms)" in result.stderr
+
+
+@pytest.mark.parametrize("compression", ["gzip", "snappy", "lz4", "zstd"])
+def test_compressed_input_records(kafka_bootstrap, model_path, tmp_path, compression):
+    topics = names(f"compressed-{compression}")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    events = make_events(30, 3)
+    console_produce(kafka_bootstrap, topics["input_topics"], events, compression=compression)
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                             **topics)
+    try:
+        service.wait_ready()
+        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 30, timeout_s=30))
+    finally:
+        assert service.stop() == 0, service.log()
+    assert len(outputs) == 30
+    assert sorted(orjson.loads(record.value)["step"] for record in outputs) == sorted(list(range(1, 11)) * 3)
+
+
+def test_outputs_compressed_as_configured(kafka_broker, kafka_bootstrap, model_path, tmp_path):
+    topics = names("compressed-out")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(30, 3)))
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                             compression_type="zstd", **topics)
+    try:
+        service.wait_ready()
+        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 30, timeout_s=30))
+    finally:
+        assert service.stop() == 0, service.log()
+    assert len(outputs) == 30
+    segments = sorted((kafka_broker.log_dir / f"{topics['output_topic']}-0").glob("*.log"))
+    dump = subprocess.run([*tool_command(DEFAULT_KAFKA_VERSION, "kafka.tools.DumpLogSegments"), "--files",
+                           *map(str, segments)], capture_output=True, text=True, timeout=120, check=True).stdout
+    codecs = set(re.findall(r"compresscodec: (\w+)", dump))
+    assert codecs == {"zstd"}, dump[-2000:]
