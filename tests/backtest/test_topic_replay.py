@@ -19,6 +19,7 @@ from streamer.backtest.topic_replay import ROUND_EVENTS, TopicReplaySpec, parse_
 from streamer.engine import Engine
 from streamer.errors import ConfigError
 from streamer.io.files import read_outputs
+from streamer.kafka.console_tools import console_produce
 from streamer.model import load_model
 from tests.service.service_helpers import ServiceProcess, create_topics, produce, read_topic
 
@@ -394,3 +395,16 @@ async def _committed(bootstrap: str, group: str, topic: str) -> dict[int, int]:
     finally:
         await admin.close()
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+
+def test_replay_of_compressed_batches(kafka_bootstrap, events_topic, model_path, tmp_path):
+    compressed = unique("replay-zstd")
+    asyncio.run(create_topics(kafka_bootstrap, {compressed: 3}))
+    events = make_events(600, 25) + [(b"e3", b"{not json")]
+    console_produce(kafka_bootstrap, compressed, events, compression="zstd")
+    plain = replay(kafka_bootstrap, model_path, (events_topic,), tmp_path / "plain.jsonl")
+    result = replay(kafka_bootstrap, model_path, (compressed,), tmp_path / "zstd.jsonl")
+    assert (result.outputs, result.dead_letters) == (plain.outputs, plain.dead_letters)
+    by_entity_step = {(o["entity"], o["step"]): o["prediction"] for o in read_outputs(tmp_path / "plain.jsonl")}
+    replayed = {(o["entity"], o["step"]): o["prediction"] for o in read_outputs(tmp_path / "zstd.jsonl")}
+    assert replayed == by_entity_step
