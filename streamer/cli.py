@@ -198,6 +198,10 @@ def run(
         help=env_help("Check that each broker's certificate names its host (default: check).", "ssl_check_hostname")),
     group_id: Optional[str] = _flag(None, "group_id", "Consumer group id."),
     group_instance_id: Optional[str] = _flag(None, "group_instance_id", "Static membership id (group.instance.id)."),
+    client_id: Optional[str] = _flag(None, "client_id", "Client id of the consumer and producer (client.id), as "
+                                     "broker logs, quotas and group descriptions show it."),
+    auto_offset_reset: Optional[str] = _flag(None, "auto_offset_reset", "Where a partition without a valid "
+                                             "committed offset starts: earliest or latest (auto.offset.reset)."),
     session_timeout_ms: Optional[int] = _flag(None, "session_timeout_ms", "Time without heartbeats after which "
                                               "the group reassigns this member's partitions, in ms. A static member "
                                               "(--group-instance-id) that stops keeps them this long."),

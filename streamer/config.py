@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     ssl_check_hostname: bool = Field(True, description="check that a broker's certificate names its host")
     group_id: str = Field("streamer", description="consumer group id")
     group_instance_id: str | None = Field(None, description="static membership id (group.instance.id)")
+    client_id: str = Field("streamer", description="client id of the member's consumer and producer, as broker "
+                           "logs, quotas and group descriptions show it (client.id)")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="where a partition without a valid committed offset starts (auto.offset.reset)")
     session_timeout_ms: int = Field(10_000, ge=1, description="time without heartbeats after which the group "
                                     "reassigns a member's partitions (session.timeout.ms)")
     topic_partitions: int = Field(4, ge=1, description="partitions of topics created when missing")

@@ -264,7 +264,7 @@ class StreamerService:
         settings = self.settings
         producer_options = dict(
             bootstrap_servers=settings.bootstrap_servers, **self.security.client_options(),
-            enable_idempotence=True, acks="all",
+            client_id=settings.client_id, enable_idempotence=True, acks="all",
             linger_ms=settings.linger_ms,
             compression_type=None if settings.compression_type == "none" else settings.compression_type,
             max_batch_size=1 << 20, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
@@ -281,11 +281,12 @@ class StreamerService:
         self.producer = self._new_producer()
         self._producer_out_of_step = False
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, **self.security.client_options(), group_id=settings.group_id,
+            bootstrap_servers=settings.bootstrap_servers, **self.security.client_options(),
+            client_id=settings.client_id, group_id=settings.group_id,
             group_instance_id=settings.group_instance_id, enable_auto_commit=False,
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=max(1, min(DEFAULT_HEARTBEAT_INTERVAL_MS, settings.session_timeout_ms // 3)),
-            auto_offset_reset="earliest", max_poll_records=settings.max_batch_events,
+            auto_offset_reset=settings.auto_offset_reset, max_poll_records=settings.max_batch_events,
             fetch_max_wait_ms=settings.fetch_max_wait_ms, fetch_min_bytes=settings.fetch_min_bytes,
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
             max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, isolation_level="read_committed",
@@ -560,14 +561,19 @@ class StreamerService:
                 if committed is not None and committed < beginnings[tp]:
                     self.metrics.restore_anomalies.labels(kind="offsets_not_retained").inc()
                     logger.warning("Committed offset %d of %s is no longer retained (log starts at %d); "
-                                   "events in between are lost and processing resumes at the log start",
-                                   committed, tp, beginnings[tp])
+                                   "events in between are lost and processing resumes at the log %s",
+                                   committed, tp, beginnings[tp], self._reset_position)
                 if committed is not None and committed > ends[tp]:
                     logger.warning("Committed offset %d of %s is past the log end %d, as after the topic was deleted "
-                                   "and created again; processing restarts at the log start", committed,
-                                   _format_partition(tp), ends[tp])
+                                   "and created again; processing restarts at the log %s", committed,
+                                   _format_partition(tp), ends[tp], self._reset_position)
         except (KafkaError, asyncio.TimeoutError) as error:
             logger.warning("Checking retained offsets failed: %r", error)
+
+    @property
+    def _reset_position(self) -> str:
+        """Where the consumer starts a partition without a valid committed offset: the log's start or end."""
+        return "start" if self.settings.auto_offset_reset == "earliest" else "end"
 
     async def _check_restored_offsets(self, tp: TopicPartition) -> None:
         """Forget the restored last offsets of ``tp`` if they reach past its log end.

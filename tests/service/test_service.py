@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from aiokafka.admin import AIOKafkaAdminClient
 
 from streamer.backtest.file_replay import run_file_backtest
 from streamer.config import Settings
@@ -325,3 +326,35 @@ def test_outputs_compressed_as_configured(kafka_broker, kafka_bootstrap, model_p
                            *map(str, segments)], capture_output=True, text=True, timeout=120, check=True).stdout
     codecs = set(re.findall(r"compresscodec: (\w+)", dump))
     assert codecs == {"zstd"}, dump[-2000:]
+
+
+def test_latest_offset_reset_and_client_id(kafka_bootstrap, model_path, tmp_path):
+    topics = names("latest")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(10, 5)))
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                             auto_offset_reset="latest", client_id="scorer-a", **topics)
+    try:
+        service.wait_ready()
+        # The lag of a partition is exported once the consumer has looked up its position.
+        deadline = time.monotonic() + 30
+        while f'topic="{topics["input_topics"]}"' not in service.get("/metrics")[1]:
+            assert time.monotonic() < deadline, service.log()
+            time.sleep(0.2)
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(5, 5, start=100)))
+        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 6, timeout_s=10))
+        members = asyncio.run(group_members(kafka_bootstrap, topics["group_id"]))
+    finally:
+        assert service.stop() == 0, service.log()
+    assert sorted(orjson.loads(record.value)["step"] for record in outputs) == [1] * 5
+    assert [member["client_id"] for member in members] == ["scorer-a"]
+
+
+async def group_members(bootstrap: str, group_id: str) -> list[dict]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        response = (await admin.describe_consumer_groups([group_id]))[0]
+    finally:
+        await admin.close()
+    return response.to_object()["groups"][0]["members"]
