@@ -20,10 +20,12 @@ class FetchedBatch:
     keys: list[bytes | None]
     values: list[bytes | None]
     next_offsets: dict[TopicPartition, int]
+    # Each record's headers, as (name, value) pairs; None when no record of the batch has any.
+    headers: list[Sequence[tuple[str, bytes]]] | None = None
 
     @classmethod
     def from_records(cls, records: dict[TopicPartition, list]) -> FetchedBatch:
-        topics, partitions, offsets, timestamps, keys, values = [], [], [], [], [], []
+        topics, partitions, offsets, timestamps, keys, values, headers = [], [], [], [], [], [], []
         next_offsets = {}
         for tp, messages in records.items():
             if not messages:
@@ -36,9 +38,10 @@ class FetchedBatch:
                 timestamps.append(message.timestamp)
                 keys.append(message.key)
                 values.append(message.value)
+                headers.append(message.headers)
             next_offsets[tp] = messages[-1].offset + 1
         return cls(topics, np.asarray(partitions, np.int32), np.asarray(offsets, np.int64), timestamps, keys,
-                   values, next_offsets)
+                   values, next_offsets, headers if any(headers) else None)
 
     def __len__(self) -> int:
         return len(self.values)

@@ -6,6 +6,9 @@ import asyncio
 from collections import defaultdict
 from typing import Sequence
 
+# Records for one topic: ``(partition, key, value)`` each, and each record's headers, or None for no headers.
+OutgoingRecords = tuple[list[tuple[int, bytes | None, bytes]], list[list[tuple[str, bytes]]] | None]
+
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 

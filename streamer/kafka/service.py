@@ -28,7 +28,7 @@ from streamer.io.outputs import dead_letter_headers, encode_outputs, topic_sourc
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_partitions, ensure_topics
 from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
 from streamer.kafka.fetched import FetchedBatch, stream_numbers
-from streamer.kafka.producer import KeyPartitioner, send_records
+from streamer.kafka.producer import KeyPartitioner, OutgoingRecords, send_records
 from streamer.kafka.restore import restore_partition
 from streamer.kafka.retry import retry
 from streamer.kafka.security import KafkaSecurity
@@ -52,8 +52,8 @@ DEFAULT_HEARTBEAT_INTERVAL_MS = 3000  # the Kafka consumer's default; shorter se
 class _InFlightBatch:
     """Outputs and dead letters handed to the producer, with the future of their acknowledgement."""
 
-    outputs: list[tuple[int, bytes, bytes]]
-    letters: tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]
+    outputs: OutgoingRecords
+    letters: OutgoingRecords
     acknowledged: asyncio.Future
 
 
@@ -869,10 +869,18 @@ class StreamerService:
         else:
             await self._send_without_waiting(outputs, letters, event_times_ms)
             self.checkpointer.record_batch(fetched.next_offsets, len(fetched))
-        self._record_batch(fetched, result, dead, len(outputs))
+        self._record_batch(fetched, result, dead, len(outputs[0]))
 
-    def _output_records(self, fetched: FetchedBatch, batch: EventBatch, result: StepResult
-                        ) -> list[tuple[int, bytes, bytes]]:
+    def _output_records(self, fetched: FetchedBatch, batch: EventBatch, result: StepResult) -> OutgoingRecords:
+        """Return the outputs keyed by entity, each with the headers of its input record."""
+        records = self._keyed_outputs(fetched, batch, result)
+        if fetched.headers is None:
+            return records, None
+        inputs = batch.record_index[result.applied].tolist()
+        return records, [list(fetched.headers[index]) for index in inputs]
+
+    def _keyed_outputs(self, fetched: FetchedBatch, batch: EventBatch, result: StepResult
+                       ) -> list[tuple[int, bytes, bytes]]:
         topics = fetched.topics
         keys = fetched.keys
         record_index = batch.record_index.tolist()
@@ -888,8 +896,8 @@ class StreamerService:
                  else partitioner(key), key, value)
                 for position, key, value in encoded]
 
-    def _dead_letter_records(self, fetched: FetchedBatch, dead: list[DeadLetter]
-                             ) -> tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]:
+    def _dead_letter_records(self, fetched: FetchedBatch, dead: list[DeadLetter]) -> OutgoingRecords:
+        """Return the dead letters: the original key, value and headers, plus headers saying why and where from."""
         records, headers = [], []
         for letter in dead:
             topic, partition = fetched.topics[letter.index], int(fetched.partitions[letter.index])
@@ -900,7 +908,8 @@ class StreamerService:
             else:
                 target_partition = partition % self._dead_letter_partitioner.partitions
             records.append((target_partition, letter.key, letter.value or b""))
-            headers.append(dead_letter_headers(letter, topic, partition, offset))
+            original = [] if fetched.headers is None else list(fetched.headers[letter.index])
+            headers.append(original + dead_letter_headers(letter, topic, partition, offset))
             logger.debug("Dead letter %s[%d]@%d: %s", topic, partition, offset, letter.reason)
         return records, headers
 
@@ -909,8 +918,8 @@ class StreamerService:
         settings = self.settings
         try:
             await self.checkpointer.begin()
-            futures = await send_records(self.producer, settings.output_topic, outputs)
-            futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
+            futures = await send_records(self.producer, settings.output_topic, *outputs)
+            futures += await send_records(self.producer, settings.dead_letter_topic, *letters)
         except (KafkaError, asyncio.TimeoutError) as error:
             raise RejoinRequired(f"sending in a transaction failed: {error!r}") from error
         # A failed send also fails the transaction's commit, which is where it is handled.
@@ -925,8 +934,8 @@ class StreamerService:
         """
         settings = self.settings
         try:
-            futures = await send_records(self.producer, settings.output_topic, outputs)
-            futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
+            futures = await send_records(self.producer, settings.output_topic, *outputs)
+            futures += await send_records(self.producer, settings.dead_letter_topic, *letters)
         except (KafkaError, asyncio.TimeoutError) as error:
             logger.warning("Sending a batch failed, retrying until acknowledged: %r", error)
             await self._deliver(outputs, letters)
@@ -956,8 +965,7 @@ class StreamerService:
         while in_flight:
             await self._reap_oldest(in_flight)
 
-    async def _deliver(self, outputs: list[tuple[int, bytes, bytes]],
-                       letters: tuple[list[tuple[int, bytes, bytes]], list[list[tuple[str, bytes]]]]) -> None:
+    async def _deliver(self, outputs: OutgoingRecords, letters: OutgoingRecords) -> None:
         """Send outputs and dead letters and wait until the broker acknowledges all of them, retrying."""
         settings = self.settings
 
@@ -965,8 +973,8 @@ class StreamerService:
             if self._producer_out_of_step:
                 await self._replace_producer()
             try:
-                futures = await send_records(self.producer, settings.output_topic, outputs)
-                futures += await send_records(self.producer, settings.dead_letter_topic, letters[0], letters[1])
+                futures = await send_records(self.producer, settings.output_topic, *outputs)
+                futures += await send_records(self.producer, settings.dead_letter_topic, *letters)
                 acknowledged = asyncio.gather(*futures)
                 acknowledged.add_done_callback(_retrieve_exception)  # still pending when the wait times out
                 await asyncio.wait_for(asyncio.shield(acknowledged), self._acknowledgement_timeout_s())

@@ -14,6 +14,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streamer.backtest.file_replay import run_file_backtest
@@ -358,3 +359,42 @@ async def group_members(bootstrap: str, group_id: str) -> list[dict]:
     finally:
         await admin.close()
     return response.to_object()["groups"][0]["members"]
+
+
+def test_input_headers_reach_outputs_and_dead_letters(kafka_bootstrap, model_path, tmp_path):
+    topics = names("headers")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    events = make_events(4, 2)
+    records = [(key, value, [("traceparent", f"trace-{i}".encode()), ("empty", None)])
+               for i, (key, value) in enumerate(events)]
+    records.insert(2, (b"e0", b"{not json", [("traceparent", b"trace-bad")]))
+    records.append((b"e1", events[0][1], []))  # a record without headers in the same batch
+    asyncio.run(produce_with_headers(kafka_bootstrap, topics["input_topics"], records))
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                             **topics)
+    try:
+        service.wait_ready()
+        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 5))
+        letters = asyncio.run(read_topic(kafka_bootstrap, topics["dead_letter_topic"], 1))
+    finally:
+        assert service.stop() == 0, service.log()
+    by_offset = {orjson.loads(record.value)["source"]["offset"]: list(record.headers) for record in outputs}
+    assert by_offset == {0: [("traceparent", b"trace-0"), ("empty", None)],
+                         1: [("traceparent", b"trace-1"), ("empty", None)],
+                         3: [("traceparent", b"trace-2"), ("empty", None)],
+                         4: [("traceparent", b"trace-3"), ("empty", None)],
+                         5: []}
+    headers = dict(letters[0].headers)
+    assert headers["traceparent"] == b"trace-bad"
+    assert headers[HEADER_REASON] == b"invalid_json"
+
+
+async def produce_with_headers(bootstrap: str, topic: str, records: list) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, key=key, value=value, headers=headers)
+                   for key, value, headers in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
