@@ -28,6 +28,8 @@ class PreparedCheckpoint:
     slots: np.ndarray
     records: list[tuple[int, bytes, bytes | None]]
     started: float
+    # Committed offsets to commit again before the changelog records are written (see ``Checkpointer.fence``).
+    fence: dict[TopicPartition, int]
 
 
 class Checkpointer:
@@ -42,6 +44,11 @@ class Checkpointer:
     Exactly-once: one transaction spans everything produced since the last checkpoint: outputs, dead
     letters, changelog records and the input offsets. Consumers that read with read_committed see all of a
     checkpoint or nothing of it.
+
+    Under both guarantees a checkpoint first checks that this member still belongs to the group's current
+    generation (``fence``). A member that stalled for longer than its session timeout has lost its
+    partitions to another member; without the check its late changelog records would replace the newer
+    states of that member.
     """
 
     def __init__(self, *, producer: AIOKafkaProducer, consumer: AIOKafkaConsumer, arena: StateArena,
@@ -105,6 +112,7 @@ class Checkpointer:
             await self.complete(self.prepare(owned), acknowledged)
             return
         started = time.perf_counter()
+        fence = self._fence_offsets(owned)
         offsets = self._take_offsets(owned)
         await self.begin()
         written = self.arena.dirty_slots()
@@ -117,6 +125,9 @@ class Checkpointer:
                 await asyncio.wait_for(self.producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(offset, "") for tp, offset in offsets.items()}, self.group_id),
                     self.timeout_s)
+            # aiokafka's transactional offset commit (TxnOffsetCommit v0) carries no group generation, so the
+            # broker would accept this transaction from a member that has lost its partitions.
+            await self.fence(fence)
             # Step 4
             await asyncio.wait_for(self.producer.commit_transaction(), self.timeout_s)
         except BaseException:
@@ -134,10 +145,11 @@ class Checkpointer:
         changelog records nor its offsets.
         """
         started = time.perf_counter()
+        fence = self._fence_offsets(owned)
         offsets = self._take_offsets(owned)
         written = self.arena.dirty_slots()
         records = self._changelog_records(written)
-        return PreparedCheckpoint(offsets, written, records, started)
+        return PreparedCheckpoint(offsets, written, records, started, fence)
 
     async def complete(self, prepared: PreparedCheckpoint,
                        acknowledged: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -152,6 +164,7 @@ class Checkpointer:
                 await acknowledged()
             # Steps 2 and 3
             if prepared.records:
+                await self.fence(prepared.fence)
                 futures = await send_records(self.producer, self.changelog_topic, prepared.records)
                 await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
             # Step 4
@@ -163,6 +176,21 @@ class Checkpointer:
                 self.pending_offsets.setdefault(tp, offset)
             raise
         self._observe_checkpoint(prepared.offsets, prepared.started)
+
+    async def fence(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit ``offsets``, the last committed ones, again; raise if the group has moved on without this member.
+
+        The group coordinator accepts an offset commit only from a member of its current generation, and
+        aiokafka raises ``CommitFailedError`` otherwise. The values are those already committed, so the
+        commit changes nothing for a member that still owns its partitions.
+        """
+        # NOTE: a group that never committed an offset of these partitions gives nothing to commit again, so
+        # the first checkpoint after such an assignment goes unchecked.
+        if offsets:
+            await asyncio.wait_for(self.consumer.commit(offsets), self.timeout_s)
+
+    def _fence_offsets(self, owned: Callable[[TopicPartition], bool]) -> dict[TopicPartition, int]:
+        return {tp: offset for tp, offset in self.committed_offsets.items() if offset is not None and owned(tp)}
 
     def _take_offsets(self, owned: Callable[[TopicPartition], bool]) -> dict[TopicPartition, int]:
         offsets = {tp: offset for tp, offset in self.pending_offsets.items() if owned(tp)}

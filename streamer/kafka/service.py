@@ -118,6 +118,7 @@ class StreamerService:
         self.checkpointer: Checkpointer | None = None
         self._assignment: set[TopicPartition] = set()
         self._joined = False  # whether the group has assigned partitions (possibly none) since the last join
+        self._dropping = False  # whether the member is dropping its state to rejoin the group
         # Revoked partitions whose entities stay in memory until the next assignment, with the offset
         # committed for each when it was revoked (see on_partitions_revoked).
         self._parked: dict[TopicPartition, int | None] = {}
@@ -367,17 +368,21 @@ class StreamerService:
 
     async def _drop_and_rejoin(self, error: Exception) -> None:
         logger.warning("Dropping in-memory state and rejoining the group: %r", error)
+        self._dropping = True
+        try:
+            await self._drop_state()
+        finally:
+            self._dropping = False
+
+    async def _drop_state(self) -> None:
         self.metrics.resets.inc()
         for task in self._restores.values():
             task.cancel()
         self._restores.clear()
         await self._cancel_background_checkpoint()
         self._in_flight.clear()
-        try:
-            if self.checkpointer is not None:
-                await self.checkpointer.abort()
-        except (KafkaError, asyncio.TimeoutError) as abort_error:
-            logger.warning("Aborting the open transaction failed: %r", abort_error)
+        if self.checkpointer is not None:
+            await self._abort_quietly()
         await self._stop_clients()
         self.engine = self._new_engine()
         self._joined = False
@@ -451,7 +456,8 @@ class StreamerService:
         async with self._batch_lock:
             checkpointed = False
             try:
-                checkpointed = await self._checkpoint()
+                # While the member drops its state to rejoin, its transaction is being aborted: nothing to save.
+                checkpointed = False if self._dropping else await self._checkpoint()
             except RejoinRequired as error:
                 logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
                 await self._abort_quietly()
@@ -510,9 +516,14 @@ class StreamerService:
         return unchanged, returned
 
     async def _abort_quietly(self) -> None:
+        """Abort the open transaction; a failure is logged, as the transaction ends by timeout anyway.
+
+        A fenced producer is in a fatal state in which aiokafka refuses the abort with an AssertionError;
+        the rejoin that follows starts a new producer.
+        """
         try:
             await self.checkpointer.abort()
-        except (KafkaError, asyncio.TimeoutError) as error:
+        except (KafkaError, asyncio.TimeoutError, AssertionError) as error:
             logger.warning("Aborting the open transaction failed: %r", error)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:

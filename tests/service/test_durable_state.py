@@ -490,3 +490,64 @@ def test_idle_member_keeps_partitions_when_another_joins(kafka_bootstrap, model_
     assert "Kept the entities of 1 partitions" in restarted.log()
     assert restored_before > 0
     assert restored_after == restored_before
+
+
+@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+def test_stalled_member_writes_no_stale_state(kafka_bootstrap, model_path, tmp_path, guarantee):
+    """A member paused past its session timeout resumes after another member took over and moved on.
+
+    Its checkpoint must then neither write its older states to the changelog, where they would replace the
+    newer ones, nor (exactly-once) commit its transaction of outputs the other member produced again.
+    """
+    topics = names("stall")
+    events = make_events(900)
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    base = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS, changelog="true",
+                guarantee=guarantee, session_timeout_ms=6000, **topics)
+    # The first member checkpoints after each 300 events only, so that the 200 events before its pause stay
+    # unsaved until it resumes. Its fetches wait 5 s for data, so that after the pause it checkpoints before it
+    # fetches the events the second member processed meanwhile.
+    first = ServiceProcess(tmp_path, group_instance_id="first", checkpoint_events=300,
+                           checkpoint_interval_ms=600_000, fetch_min_bytes=10_000_000, fetch_max_wait_ms=5000,
+                           **base)
+    second = None
+    try:
+        first.wait_ready()
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:300]))
+        wait_for_outputs(first, 300)
+        deadline = time.monotonic() + 30
+        while first.metric("streamer_commits_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[300:500]))
+        wait_for_outputs(first, 500)
+        first.process.send_signal(signal.SIGSTOP)
+
+        second = ServiceProcess(tmp_path, group_instance_id="second", checkpoint_interval_ms=200, **base)
+        second.wait_ready(timeout_s=90)
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[500:]))
+        wait_for_outputs(second, 600)  # events 300 to 499 again, and the last 400
+        deadline = time.monotonic() + 30
+        while second.metric("streamer_commits_total") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1)  # a checkpoint of the second member after its last batch
+        first.process.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while "Partitions assigned" not in first.log().split("Partitions revoked")[-1] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+        assert first.stop() == 0, first.log()
+        if second is not None:
+            assert second.stop() == 0, second.log()
+
+    positions = asyncio.run(input_positions(kafka_bootstrap, topics["input_topics"], len(events)))
+    reference, engine = offline(model_path, events)
+    exactly_once = guarantee == "exactly-once"
+    records = read_until_covered(kafka_bootstrap, topics["output_topic"], len(events),
+                                 isolation_level="read_committed" if exactly_once else "read_uncommitted")
+    check_outputs_match_offline(records, events, positions, reference, exactly_once)
+    decoded, _, _ = read_changelog(kafka_bootstrap, topics["group_id"], model_path)
+    steps = dict(zip(decoded.entities, decoded.steps.tolist()))
+    counts = {f"e{i}": sum(1 for seq in range(len(events)) if seq % ENTITIES == i) for i in range(ENTITIES)}
+    assert steps == counts, first.log()
