@@ -81,8 +81,9 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
     result = BacktestResult(output_path=output_path, dead_letter_path=dead_letter_path_for(output_path))
     show_progress = sys.stderr.isatty() if progress is None else progress
     started = time.perf_counter()
-    with scheduled_collection() as collector, OutputWriter(output_path) as writer, \
-            StagedFile(result.dead_letter_path) as dead_file, \
+    # The output file closes first: if that fails, the dead-letter file is discarded too.
+    with scheduled_collection() as collector, StagedFile(result.dead_letter_path) as dead_file, \
+            OutputWriter(output_path) as writer, \
             EventProgress(f"backtest {input_path.name}", _total_events(input_path, show_progress),
                           show_progress) as advance:
         for chunk in read_records(input_path, batch_size, model.manifest.feature_names):

@@ -400,7 +400,11 @@ class _FileSink:
     async def close(self, completed: bool) -> None:
         """Move the files to their paths after a completed replay; remove them after a failed one."""
         if completed:
-            self._writer.close()
+            try:
+                self._writer.close()
+            except BaseException:
+                self._dead.discard()
+                raise
             self._dead.commit()
         else:
             self._writer.discard()

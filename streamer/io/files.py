@@ -296,8 +296,8 @@ class OutputWriter:
 
     @staticmethod
     def _parquet_row(document: dict) -> dict:
-        # Every row has a target column, null where the event had none, so that the file's schema, which
-        # the first row group fixes, keeps the targets of later rows.
+        # Every row has a target column, null where the event had none, so that the file's schema keeps the
+        # targets of later rows.
         target = document.get("target")
         document["target"] = [target] if target is not None and not isinstance(target, list) else target
         return document
@@ -308,34 +308,41 @@ class OutputWriter:
 
         if not self._pending:
             return
-        table = pa.Table.from_pylist(self._pending)
-        column = table.schema.get_field_index("target")
-        if pa.types.is_null(table.schema.field(column).type):
-            targets = pa.list_(pa.float64())
-            table = table.set_column(column, pa.field("target", targets), pa.nulls(len(table), targets))
         if self._parquet_writer is None:
-            self._parquet_writer = pq.ParquetWriter(self._staged.file, table.schema)
-        self._parquet_writer.write_table(table.cast(self._parquet_writer.schema))
+            # The file has one schema. Inferred from the first rows alone, it would take whole-number
+            # targets for integers and missing timestamps for nulls, which later rows may not fit.
+            fixed = {"ts": pa.int64(), "step": pa.int64(), "prediction": pa.list_(pa.float64()),
+                     "target": pa.list_(pa.float64())}
+            inferred = pa.Table.from_pylist(self._pending[:1]).schema
+            schema = pa.schema([pa.field(field.name, fixed.get(field.name, field.type)) for field in inferred])
+            self._parquet_writer = pq.ParquetWriter(self._staged.file, schema)
+        self._parquet_writer.write_table(pa.Table.from_pylist(self._pending, schema=self._parquet_writer.schema))
         self._pending = []
 
     def close(self) -> None:
-        """Finish the file and move it to its path."""
-        if not self._lines:
-            self._flush_parquet()
-            if self._parquet_writer is None:
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+        """Finish the file and move it to its path; on failure, remove it and raise."""
+        try:
+            if not self._lines:
+                self._flush_parquet()
+                if self._parquet_writer is None:
+                    import pyarrow as pa
+                    import pyarrow.parquet as pq
 
-                pq.write_table(pa.table({"entity": pa.array([], pa.string())}), self._staged.file)
-            else:
-                self._parquet_writer.close()  # writes the footer; the file stays open for commit()
-        self._staged.commit()
+                    pq.write_table(pa.table({"entity": pa.array([], pa.string())}), self._staged.file)
+                else:
+                    self._parquet_writer.close()  # writes the footer; the file stays open for commit()
+            self._staged.commit()
+        except BaseException:
+            self._staged.discard()
+            raise
 
     def discard(self) -> None:
         """Remove what was written; the file at the path, if any, stays as it was."""
-        if self._parquet_writer is not None:
-            self._parquet_writer.close()
-        self._staged.discard()
+        try:
+            if self._parquet_writer is not None:
+                self._parquet_writer.close()
+        finally:
+            self._staged.discard()
 
     def __enter__(self) -> OutputWriter:
         return self

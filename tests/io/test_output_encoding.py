@@ -104,3 +104,30 @@ def test_parquet_keeps_targets_after_rows_without(tmp_path):
 
     assert [output.get("target") for output in outputs] == [None, None, [1.5], [2.0, 3.0], None]
     assert "target" not in outputs[0]
+
+
+def test_parquet_types_hold_across_row_groups(tmp_path):
+    def row(step, ts, target):
+        return {"entity": "a", "ts": ts, "step": step, "prediction": [float(step)], "model": "m",
+                "source": {"file": "f", "record": step}, "target": target}
+
+    # The first row group alone would give whole-number targets and timestamps that are all missing.
+    rows = [row(1, None, 3), row(2, None, 4), row(3, 1000, 2.5), row(4, 1001, [1.25])]
+    with OutputWriter(tmp_path / "out.parquet", parquet_rows_per_group=2) as writer:
+        for value in rows:
+            writer.write([orjson.dumps(value)])
+
+    outputs = read_outputs(tmp_path / "out.parquet")
+
+    assert [output["target"] for output in outputs] == [[3.0], [4.0], [2.5], [1.25]]
+    assert [output["ts"] for output in outputs] == [None, None, 1000, 1001]
+
+
+def test_failed_close_leaves_no_staging_file(tmp_path, monkeypatch):
+    path = tmp_path / "out.parquet"
+    writer = OutputWriter(path)
+    writer.write([orjson.dumps({"entity": "a", "step": 1})])
+    monkeypatch.setattr(writer, "_flush_parquet", lambda: (_ for _ in ()).throw(ValueError("disk full")))
+    with pytest.raises(ValueError, match="disk full"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
