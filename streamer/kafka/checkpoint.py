@@ -121,13 +121,15 @@ class Checkpointer:
             records = self._changelog_records(written)
             if records:
                 await send_records(self.producer, self.changelog_topic, records)
+            # aiokafka's transactional offset commit (TxnOffsetCommit v0) carries no group generation, so the
+            # broker would accept this transaction from a member that has lost its partitions. The check comes
+            # before the transaction's offsets: a plain commit written after them would win over them when the
+            # transaction commits.
+            await self.fence(fence)
             if offsets:
                 await asyncio.wait_for(self.producer.send_offsets_to_transaction(
                     {tp: OffsetAndMetadata(offset, "") for tp, offset in offsets.items()}, self.group_id),
                     self.timeout_s)
-            # aiokafka's transactional offset commit (TxnOffsetCommit v0) carries no group generation, so the
-            # broker would accept this transaction from a member that has lost its partitions.
-            await self.fence(fence)
             # Step 4
             await asyncio.wait_for(self.producer.commit_transaction(), self.timeout_s)
         except BaseException:
