@@ -226,7 +226,8 @@ class StreamerMetrics:
         )
         self.events_produced = Counter(
             "streamer_events_produced_total",
-            "Output records acknowledged by the broker.",
+            "Output records handed to the producer; a checkpoint commits their input offsets only after the "
+            "broker acknowledged them.",
             ["topic"],
             registry=registry,
         )
@@ -457,7 +458,7 @@ class _MetricsRequestHandler(http.server.BaseHTTPRequestHandler):
                 logger.warning("%s check raised %s: %s", kind, type(exc).__name__, exc)
                 healthy, detail = False, f"{kind} check raised {type(exc).__name__}: {exc}"
         status = 200 if healthy else 503
-        text = "ok" if healthy else (detail or f"{kind} check failed")
+        text = (detail or "ok") if healthy else (detail or f"{kind} check failed")
         self._send(status, (text + "\n").encode("utf-8"), "text/plain; charset=utf-8")
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
@@ -486,9 +487,9 @@ class _MetricsHTTPServer(http.server.ThreadingHTTPServer):
 class MetricsServer:
     """HTTP server for ``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread.
 
-    ``/healthz`` and ``/readyz`` return 200 ``ok`` when their callable returns
-    ``(True, ...)`` or when no callable is given, and 503 with the detail text
-    otherwise, including when the callable raises. The callables run on the server
+    ``/healthz`` and ``/readyz`` return 200 when their callable returns ``(True, ...)``
+    or when no callable is given, and 503 otherwise, including when the callable
+    raises; the body is the callable's detail text (``ok`` without one). The callables run on the server
     thread, so they must be thread-safe and must not block. Other paths return 404.
     """
 

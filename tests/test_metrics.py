@@ -457,3 +457,9 @@ def test_promtool_check_metrics(metrics, server_factory):
 
     assert status == 200
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+def test_ready_body_gives_the_detail(metrics, server_factory):
+    server = server_factory(metrics, readiness=lambda: (True, "ready: no partitions assigned, standing by"))
+
+    assert http_get(server.url + "/readyz")[:2] == (200, b"ready: no partitions assigned, standing by\n")

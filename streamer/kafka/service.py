@@ -119,6 +119,7 @@ class StreamerService:
         self._assignment: set[TopicPartition] = set()
         self._joined = False  # whether the group has assigned partitions (possibly none) since the last join
         self._dropping = False  # whether the member is dropping its state to rejoin the group
+        self._rebalancing = False  # between the revocation of a rebalance and its assignment
         # Revoked partitions whose entities stay in memory until the next assignment, with the offset
         # committed for each when it was revoked (see on_partitions_revoked).
         self._parked: dict[TopicPartition, int | None] = {}
@@ -151,6 +152,7 @@ class StreamerService:
         self._last_snapshot = time.monotonic()
         self._last_lag_update = 0.0
         self._broker_probe: asyncio.Task | None = None
+        self._lag_update: asyncio.Task | None = None
         self._last_broker_probe = 0.0
         self._broker_reachable: bool | None = None  # unknown until the first probe
         self._evictions_seen = 0
@@ -177,6 +179,8 @@ class StreamerService:
         """
         if not self._joined:
             return False, "waiting for the first partition assignment"
+        if self._rebalancing:
+            return False, "rebalancing: partitions revoked, waiting for the assignment"
         if self._restores:
             return False, f"restoring {len(self._restores)} partitions"
         if not self._assignment:
@@ -386,16 +390,18 @@ class StreamerService:
         await self._stop_clients()
         self.engine = self._new_engine()
         self._joined = False
+        self._rebalancing = False
         self._assignment.clear()
         self._parked.clear()
         self.metrics.assigned_partitions.set(0)
         self.metrics.state_entities.set(0)
 
     async def _stop_clients(self) -> None:
-        if self._broker_probe is not None:
-            self._broker_probe.cancel()
-            await asyncio.gather(self._broker_probe, return_exceptions=True)
-            self._broker_probe = None
+        for task in (self._broker_probe, self._lag_update):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._broker_probe = self._lag_update = None
         if self.consumer is not None:
             await self._until_deadline(self.consumer.stop(), "Consumer leaving the group")
         if self.producer is not None:
@@ -447,6 +453,7 @@ class StreamerService:
         """
         if not revoked:
             return
+        self._rebalancing = True
         restoring = set()
         for tp in revoked & set(self._restores):
             self._restores.pop(tp).cancel()
@@ -473,7 +480,6 @@ class StreamerService:
             self._assignment -= revoked
             for tp in revoked:
                 self.metrics.remove_partition(tp.topic, tp.partition)
-            self.metrics.rebalances.inc()
             self.metrics.assigned_partitions.set(len(self._assignment))
         logger.info("Partitions revoked: %s; dropped %d entities, %d stay in memory until the assignment",
                     _format_partitions(revoked), dropped, len(self.engine.arena))
@@ -511,8 +517,8 @@ class StreamerService:
             stale_numbers = {tp.partition for tp in parked.keys() - unchanged}
             unchanged = {tp for tp in unchanged if tp.partition not in stale_numbers}
             dropped = self._drop_partitions(stale_numbers, parked.keys() - unchanged)
-        logger.info("Kept the entities of %d partitions assigned back unchanged (%s); dropped %d entities",
-                    len(unchanged), _format_partitions(unchanged), dropped)
+        logger.info("Partitions assigned back unchanged, whose entities stay: %s; dropped %d entities",
+                    _format_partitions(unchanged), dropped)
         return unchanged, returned
 
     async def _abort_quietly(self) -> None:
@@ -532,12 +538,12 @@ class StreamerService:
         Parked partitions assigned back unchanged keep their entities and are not restored.
         """
         self._joined = True
+        self._rebalancing = False
         kept_back, returned = await self._keep_parked(assigned) if self._parked else (set(), set())
         new = assigned - self._assignment - kept_back
         self._assignment |= assigned
         self.metrics.assigned_partitions.set(len(self._assignment))
-        if assigned:
-            self.metrics.rebalances.inc()
+        self.metrics.rebalances.inc()  # each rebalance ends with one assignment, possibly empty
         logger.info("Partitions assigned: %s", _format_partitions(assigned))
         if self.changelog_topic is not None and new:
             # Pause and register before any await, so the fetch loop never processes these partitions unrestored.
@@ -594,10 +600,12 @@ class StreamerService:
         new events count as duplicates.
         """
         arena = self.engine.arena
-        slots = arena.occupied_slots(tp.partition)
-        if not slots.size:
+        if not arena.occupied_slots(tp.partition).size:
             return
         end = (await self.consumer.end_offsets([tp]))[tp]
+        # Read after the request: meanwhile, batches of other partitions may have evicted entities of this one
+        # and given their slots to others.
+        slots = arena.occupied_slots(tp.partition)
         past = int(np.count_nonzero(arena.last_offset[slots] >= end))
         if past:
             self.metrics.restore_anomalies.labels(kind="offsets_past_end").inc()
@@ -726,8 +734,10 @@ class StreamerService:
         self._last_poll = time.monotonic()
         self.metrics.mark_poll()
         fetched = FetchedBatch.from_records(records)
-        if time.monotonic() - self._last_lag_update >= LAG_UPDATE_INTERVAL_S:
-            await self._update_lag()
+        if time.monotonic() - self._last_lag_update >= LAG_UPDATE_INTERVAL_S and (
+                self._lag_update is None or self._lag_update.done()):
+            self._last_lag_update = time.monotonic()
+            self._lag_update = asyncio.create_task(self._update_lag(self.consumer))
         if self._broker_probe is None or (self._broker_probe.done() and
                                           time.monotonic() - self._last_broker_probe >= BROKER_PROBE_INTERVAL_S):
             self._last_broker_probe = time.monotonic()
@@ -764,19 +774,26 @@ class StreamerService:
         self._broker_reachable = reachable
         self.metrics.broker_reachable.set(int(reachable))
 
-    async def _update_lag(self) -> None:
-        """Export the lag of every assigned partition, idle ones included (high watermark minus position)."""
-        self._last_lag_update = time.monotonic()
-        for tp in self.consumer.assignment():
-            highwater = self.consumer.highwater(tp)
-            if highwater is None or tp in self._restores:
-                continue
-            try:
-                # position() waits for an offset lookup when the position is unknown, so it is bounded here.
-                position = await asyncio.wait_for(self.consumer.position(tp), 1.0)
-            except (asyncio.TimeoutError, KafkaError):
-                continue
-            self.metrics.set_consumer_lag(tp.topic, tp.partition, max(0, highwater - position))
+    async def _update_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Export the lag of every assigned partition, idle ones included: log end minus position.
+
+        The end offsets come from a request of their own. aiokafka's ``highwater()`` changes only when a fetch
+        returns data for the partition, and a consumer with a backlog buffered for one partition does not
+        fetch it again until the buffer is drained, so under a backlog it would stand still.
+        """
+        partitions = [tp for tp in consumer.assignment() if tp not in self._restores]
+        if not partitions:
+            return
+        try:
+            ends = await asyncio.wait_for(consumer.end_offsets(partitions), self.settings.request_timeout_ms / 1000)
+            # position() waits for an offset lookup when the position is unknown, so it is bounded here.
+            positions = {tp: await asyncio.wait_for(consumer.position(tp), 1.0) for tp in partitions}
+        except (asyncio.TimeoutError, KafkaError) as error:
+            logger.debug("Consumer lag not updated: %r", error)
+            return
+        for tp in partitions:
+            if tp in self._assignment:  # not revoked while the offsets were requested
+                self.metrics.set_consumer_lag(tp.topic, tp.partition, max(0, ends[tp] - positions[tp]))
 
     def _hold_back_restoring(self, records: dict[TopicPartition, list]) -> None:
         """Drop fetched records of partitions still being restored and rewind to the first of them.
@@ -1033,16 +1050,14 @@ class StreamerService:
         metrics.state_evictions.inc(arena.evictions - self._evictions_seen)
         metrics.state_expirations.inc(arena.expirations - self._expirations_seen)
         self._evictions_seen, self._expirations_seen = arena.evictions, arena.expirations
-        for tp, next_offset in fetched.next_offsets.items():
-            highwater = self.consumer.highwater(tp)
-            if highwater is not None:
-                metrics.set_consumer_lag(tp.topic, tp.partition, max(0, highwater - next_offset))
         self.events_processed += len(fetched)
         logger.debug("Batch of %d events: %d outputs, %d dead letters, %d waves", len(fetched), produced,
                      len(dead), result.waves)
 
     def _count_retry(self, operation: str) -> None:
         self.metrics.broker_retries.labels(operation=operation).inc()
+        # A loop that retries a broker call is alive: liveness must not restart a member for a broker outage.
+        self._last_poll = time.monotonic()
 
 
 def _retrieve_exception(future: asyncio.Future) -> None:

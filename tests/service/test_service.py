@@ -398,3 +398,25 @@ async def produce_with_headers(bootstrap: str, topic: str, records: list) -> Non
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+def test_lag_follows_the_log_end_under_a_backlog(kafka_bootstrap, model_path, tmp_path):
+    topics = names("lag")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(20_000, 50)))
+    # One event per batch: the member works through a backlog that its first fetches buffered whole.
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
+                             max_batch_events=1, **topics)
+    try:
+        service.wait_ready()
+        deadline = time.monotonic() + 30
+        while service.metric("streamer_events_consumed_total") == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(20_000, 50, start=20_000)))
+        time.sleep(3)
+        lag = service.metric("streamer_consumer_lag_records")
+        consumed = service.metric("streamer_events_consumed_total")
+    finally:
+        assert service.stop() == 0, service.log()
+    # The log end is at 40,000; the lag a second ago was at least the end minus what was consumed by now.
+    assert lag >= 40_000 - consumed - 2_000, (lag, consumed)
