@@ -409,7 +409,9 @@ def test_k8s_services_and_selectors():
     pdb = k8s_object("PodDisruptionBudget")
 
     assert headless["spec"]["clusterIP"] == "None"
-    assert metrics["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    # Only the pods are annotated for scraping; an annotated Service as well would have each pod scraped twice.
+    assert statefulset["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert "prometheus.io/scrape" not in metrics["metadata"].get("annotations", {})
     for selector in (headless["spec"]["selector"], metrics["spec"]["selector"], pdb["spec"]["selector"]["matchLabels"]):
         assert selector.items() <= pod_labels.items()
     assert statefulset["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
