@@ -298,7 +298,7 @@ def accuracy_by_step(runs: Mapping[str, Iterable[Mapping]], seq_len: int) -> dic
     """
     table: dict = {"seq_len": seq_len, "runs": {}}
     for name, outputs in runs.items():
-        scored = [(output["step"], abs(output["prediction"][0] - _first(output["target"])))
+        scored = [(output["step"], _mean_abs_error(output["prediction"], output["target"]))
                   for output in outputs if output.get("target") is not None]
         groups = {"all": [error for _, error in scored],
                   "partial_windows": [error for step, error in scored if step < seq_len],
@@ -328,8 +328,10 @@ def format_accuracy_by_step(table: Mapping) -> str:
     return "\n".join(lines)
 
 
-def _first(value: float | list[float]) -> float:
-    return value[0] if isinstance(value, list) else value
+def _mean_abs_error(prediction: list[float], target: float | list[float]) -> float:
+    """Return the mean absolute error over an output's values, as the overall MAE counts each value."""
+    targets = target if isinstance(target, list) else [target]
+    return sum(abs(p - t) for p, t in zip(prediction, targets)) / len(targets)
 
 
 # ---------------------------------------------------------------------------------------------------------

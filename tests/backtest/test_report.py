@@ -422,3 +422,14 @@ def test_summary_prints_accuracy_by_step():
                "run": {"accuracy_by_step": table}}
 
     assert "MAE by semantics" in format_summary(summary)
+
+
+def test_accuracy_by_step_counts_every_output():
+    outputs = [{"entity": "a", "step": 1, "prediction": [1.0, 10.0], "target": [2.0, 14.0]},
+               {"entity": "a", "step": 2, "prediction": [1.0, 10.0], "target": [1.0, 10.0]}]
+
+    table = accuracy_by_step({"stateful": outputs}, seq_len=2)
+
+    # (|1 - 2| + |10 - 14|) / 2 for the first event, 0 for the second: the same MAE as over all values.
+    assert table["runs"]["stateful"]["all"] == {"mae": pytest.approx(1.25), "n": 2}
+    assert table["runs"]["stateful"]["partial_windows"] == {"mae": pytest.approx(2.5), "n": 1}
