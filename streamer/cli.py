@@ -277,6 +277,52 @@ def train(
 
 
 @app.command()
+def bundle(
+    model: Path = typer.Option(..., help="Plain state_dict file (torch.save(net.state_dict(), path)) or a bundle."),
+    output: Path = typer.Option(..., help="Where to write the bundle."),
+    feature_names: Optional[str] = typer.Option(None, help="Comma-separated input field names, in input order: "
+                                                "events may then carry these fields instead of a features list."),
+    input_mean: Optional[str] = typer.Option(None, help="Comma-separated means: inputs are scaled as "
+                                             "(x - mean) / std before the model."),
+    input_std: Optional[str] = typer.Option(None, help="Comma-separated standard deviations of the inputs."),
+    output_mean: Optional[str] = typer.Option(None, help="Comma-separated means: outputs are mapped back as "
+                                              "y * std + mean."),
+    output_std: Optional[str] = typer.Option(None, help="Comma-separated standard deviations of the outputs."),
+    seq_len: Optional[int] = typer.Option(None, min=1, help="Training window length, for window semantics."),
+    nonlinearity: Optional[str] = typer.Option(None, help="tanh or relu, for an RNN cell (PyTorch's nn.RNN "
+                                               "nonlinearity); the weights do not show which."),
+) -> None:
+    """Write a bundle: your model's weights with feature names, scaling, window length and a fingerprint."""
+    from streamer.model.bundle import write_bundle
+
+    configure_logging()
+    manifest, fingerprint = write_bundle(model, output, feature_names=_split_text(feature_names),
+                                         input_mean=_split_numbers(input_mean, "--input-mean"),
+                                         input_std=_split_numbers(input_std, "--input-std"),
+                                         output_mean=_split_numbers(output_mean, "--output-mean"),
+                                         output_std=_split_numbers(output_std, "--output-std"), seq_len=seq_len,
+                                         nonlinearity=nonlinearity)
+    typer.echo(f"bundle: {output}")
+    typer.echo(f"model: {manifest.cell} {manifest.input_size} inputs, hidden {manifest.hidden_size}, "
+               f"{manifest.num_layers} layers, {manifest.output_size} outputs; fingerprint {fingerprint}")
+
+
+def _split_text(value: str | None) -> list[str] | None:
+    return None if value is None else [part.strip() for part in value.split(",")]
+
+
+def _split_numbers(value: str | None, flag: str) -> list[float] | None:
+    from streamer.errors import ConfigError
+
+    if value is None:
+        return None
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError:
+        raise ConfigError(f"Invalid {flag} {value!r}: expected comma-separated numbers") from None
+
+
+@app.command()
 def demo(
     work_dir: Path = typer.Option(Path("out/demo"), help="Directory for the bundle, outputs, reports and broker."),
     epochs: int = typer.Option(30, min=1, help="Training epochs when no bundle exists yet."),

@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    # Importing the submodule ``divergence`` binds the package attribute of that name to the module; the
+    # Importing the submodule ``divergence`` binds the package attribute of that name to the module. The
     # function of the same name replaces it here, as the names above promise.
     globals()[name] = value
     return value

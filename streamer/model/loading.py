@@ -74,6 +74,8 @@ def _infer_cell(prefix: str, rows: int, hidden_size: int) -> str:
     gates, remainder = divmod(rows, hidden_size)
     by_shape = next((cell for cell, count in GATES_PER_CELL.items() if count == gates and not remainder), None)
     name = prefix.rsplit(".", 1)[-1].lower()
+    if name == "rnn" and by_shape is not None:
+        return by_shape  # "rnn" names any recurrent module as often as nn.RNN: the shape decides
     if name in CELLS:
         if by_shape != name:
             raise ModelError(

@@ -33,10 +33,19 @@ class ModelManifest:
     output_mean: tuple[float, ...] | None = None
     output_std: tuple[float, ...] | None = None
     seq_len: int | None = None
+    # The activation of an RNN cell, which its weights do not show: None (tanh, PyTorch's default) or "relu".
+    nonlinearity: str | None = None
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
             raise ModelError(f"Invalid cell type {self.cell!r}: expected one of {', '.join(CELLS)}")
+        if self.nonlinearity == "tanh":
+            object.__setattr__(self, "nonlinearity", None)  # the default, so that fingerprints do not change
+        if self.nonlinearity not in (None, "relu"):
+            raise ModelError(f"Invalid manifest field nonlinearity={self.nonlinearity!r}: expected tanh or relu")
+        if self.nonlinearity == "relu" and self.cell != "rnn":
+            raise ModelError(f"Invalid manifest field nonlinearity='relu' for a {self.cell.upper()} cell: only an "
+                             "RNN cell has a choice of activation")
         for name in ("input_size", "hidden_size", "num_layers", "output_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -44,15 +44,16 @@ class RecurrentModel:
         self.device = resolve_device(device)
         self.state_names: tuple[str, ...] = ("h", "c") if manifest.cell == "lstm" else ("h",)
         has_bias = "rnn.bias_ih_l0" in weights
+        options = {"nonlinearity": "relu"} if manifest.nonlinearity == "relu" else {}
         self.rnn = _MODULES[manifest.cell](manifest.input_size, manifest.hidden_size, manifest.num_layers,
-                                           bias=has_bias, batch_first=True)
+                                           bias=has_bias, batch_first=True, **options)
         self.head = nn.Linear(manifest.hidden_size, manifest.output_size, bias="head.bias" in weights)
         self.rnn.load_state_dict({key[len("rnn."):]: value for key, value in weights.items() if key.startswith("rnn.")})
         self.head.load_state_dict({key[len("head."):]: value for key, value in weights.items()
                                    if key.startswith("head.")})
         self.rnn.to(self.device).eval().requires_grad_(False)
         self.head.to(self.device).eval().requires_grad_(False)
-        self._cell = _CELL_FUNCTIONS.get(manifest.cell)
+        self._cell = torch.rnn_relu_cell if manifest.nonlinearity == "relu" else _CELL_FUNCTIONS.get(manifest.cell)
         self._layers = [
             tuple(getattr(self.rnn, f"{kind}_l{layer}") if has_bias or kind.startswith("weight") else None
                   for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))

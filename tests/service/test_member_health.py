@@ -51,7 +51,7 @@ def load(arena, entities, partition, offsets):
                                                           "c": np.zeros(shape, np.float32)})
 
 
-def test_restored_offsets_checked_on_the_partitions_entities_after_the_request(service):
+def test_restored_offsets_check_reads_slots_late(service):
     arena = service.engine.arena
     load(arena, ["a", "b"], partition=1, offsets=[50, 60])
 

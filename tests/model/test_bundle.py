@@ -1,0 +1,89 @@
+"""Bundles of users' own models: `streamer bundle`, RNN activations and recurrent modules named ``rnn``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from streamer.engine import Engine, EventBatch
+from streamer.errors import ModelError
+from streamer.model import ModelManifest, load_model
+
+
+class Net(nn.Module):
+    """A user's model: the recurrent module is named ``rnn`` whatever its cell."""
+
+    def __init__(self, module: nn.Module, hidden: int, outputs: int = 1) -> None:
+        super().__init__()
+        self.rnn = module
+        self.head = nn.Linear(hidden, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def stateful_outputs(path, sequence: np.ndarray) -> np.ndarray:
+    engine = Engine(load_model(path))
+    return np.concatenate([engine.process(EventBatch.build(["a"], row[None, :], offsets=[k])).predictions
+                           for k, row in enumerate(sequence)])
+
+
+@pytest.mark.parametrize("module", [nn.LSTM(3, 8, 2, batch_first=True), nn.GRU(3, 8, 1, batch_first=True),
+                                    nn.RNN(3, 8, 2, batch_first=True)], ids=["lstm", "gru", "rnn"])
+def test_module_named_rnn_loads_by_its_shape(tmp_path, module):
+    torch.manual_seed(0)
+    net = Net(module, 8).eval()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    sequence = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
+
+    outputs = stateful_outputs(tmp_path / "net.pt", sequence)
+
+    with torch.no_grad():
+        expected = [net(torch.from_numpy(sequence[None, :k])).numpy()[0] for k in range(1, 7)]
+    np.testing.assert_allclose(outputs, np.array(expected), atol=1e-5)
+
+
+def test_bundle_command_sets_relu_and_scaling(tmp_path):
+    torch.manual_seed(1)
+    net = Net(nn.RNN(2, 6, 2, nonlinearity="relu", batch_first=True), 6).eval()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    completed = subprocess.run(
+        [sys.executable, "-m", "streamer", "bundle", "--model", str(tmp_path / "net.pt"), "--output",
+         str(tmp_path / "net.bundle.pt"), "--feature-names", "temp,load", "--input-mean", "20,0.5",
+         "--input-std", "4,0.1", "--output-mean", "3", "--output-std", "2", "--nonlinearity", "relu",
+         "--seq-len", "5"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert "rnn 2 inputs, hidden 6, 2 layers, 1 outputs" in completed.stdout
+    raw = np.random.default_rng(1).normal([20, 0.5], [4, 0.1], size=(5, 2)).astype(np.float32)
+
+    outputs = stateful_outputs(tmp_path / "net.bundle.pt", raw)
+
+    scaled = (raw - np.array([20, 0.5], np.float32)) / np.array([4, 0.1], np.float32)
+    with torch.no_grad():
+        expected = [net(torch.from_numpy(scaled[None, :k])).numpy()[0] * 2 + 3 for k in range(1, 6)]
+    np.testing.assert_allclose(outputs, np.array(expected), atol=1e-4)
+    manifest = load_model(tmp_path / "net.bundle.pt").manifest
+    assert (manifest.nonlinearity, manifest.feature_names, manifest.seq_len) == ("relu", ("temp", "load"), 5)
+
+
+def test_bundle_command_rejects_scaling_of_another_size(tmp_path):
+    torch.save(Net(nn.LSTM(2, 4, 1, batch_first=True), 4).state_dict(), tmp_path / "net.pt")
+    completed = subprocess.run(
+        [sys.executable, "-m", "streamer", "bundle", "--model", str(tmp_path / "net.pt"), "--output",
+         str(tmp_path / "out.pt"), "--input-mean", "1,2,3"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "input_mean: expected 2 values, found 3" in completed.stderr
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_manifest_nonlinearity():
+    base = dict(input_size=2, hidden_size=4, num_layers=1, output_size=1)
+    assert ModelManifest("rnn", nonlinearity="tanh", **base) == ModelManifest("rnn", **base)
+    with pytest.raises(ModelError, match="only an RNN cell"):
+        ModelManifest("lstm", nonlinearity="relu", **base)
