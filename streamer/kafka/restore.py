@@ -56,7 +56,8 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
     result = RestoreResult(partition)
     started = time.monotonic()
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, **security.client_options(),
-                                enable_auto_commit=False, isolation_level="read_committed", auto_offset_reset="earliest",
+                                enable_auto_commit=False, isolation_level="read_committed",
+                                auto_offset_reset="earliest",
                                 max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, fetch_max_bytes=64 << 20,
                                 request_timeout_ms=max(request_timeout_ms, 40_000))
     await consumer.start()
@@ -86,7 +87,8 @@ async def _stable_end_offset(consumer: AIOKafkaConsumer, tp: TopicPartition, boo
     committed above that offset by later owners must be restored too, so the restore reads to the high
     watermark once the last stable offset has reached it.
     """
-    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, **security.client_options(), enable_auto_commit=False,
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                              enable_auto_commit=False,
                               isolation_level="read_uncommitted", request_timeout_ms=max(request_timeout_ms, 40_000))
     await reader.start()
     try:
