@@ -77,6 +77,10 @@ def backtest(
                                "(feature K, index or name, of the entity's next event)."),
     initial_state: str = typer.Option("empty", help="With --topic: empty, changelog:GROUP (a live group's state now) or snapshot:GROUP:DIR."),
     request_timeout_ms: int = typer.Option(30_000, min=1, help="With --topic: timeout of each broker call, in ms."),
+    metrics_port: Optional[int] = typer.Option(None, min=0, max=65535, help="With --topic: serve the replay's "
+                                               "Prometheus metrics (mode=\"replay\") on this port while it runs "
+                                               "(0 picks a free one)."),
+    metrics_host: str = typer.Option("127.0.0.1", help="With --metrics-port: address of the metrics server."),
 ) -> None:
     """Replay a file or a range of Kafka topics through the engine and write one output per valid event.
 
@@ -99,14 +103,16 @@ def backtest(
                         allow_existing_output=allow_existing_output, semantics=semantics, seq_len=seq_len,
                         batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
                         report_dir=report_dir, compare_window=compare_window, target=target,
-                        initial_state=initial_state, request_timeout_ms=request_timeout_ms)
+                        initial_state=initial_state, request_timeout_ms=request_timeout_ms,
+                        metrics_port=metrics_port, metrics_host=metrics_host)
         return
     if input is None:
         raise ConfigError("Missing input: pass --input FILE, or --topic TOPIC")
     if output_topic is not None:
         raise ConfigError("Invalid --output-topic for a file backtest: pass --output FILE, or replay --topic")
     topic_only = {"--from": (from_, "earliest"), "--to": (to, "latest"), "--target": (target, "event"),
-                  "--initial-state": (initial_state, "empty"), "--bootstrap-servers": (bootstrap_servers, None)}
+                  "--initial-state": (initial_state, "empty"), "--bootstrap-servers": (bootstrap_servers, None),
+                  "--metrics-port": (metrics_port, None)}
     topic_flags = [flag for flag, (value, default) in topic_only.items() if value != default]
     if topic_flags:
         raise ConfigError(f"Invalid {', '.join(topic_flags)} for a file backtest: "
@@ -123,7 +129,8 @@ def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], boots
                     end: str, output: Path | None, output_topic: str | None, allow_existing_output: bool,
                     semantics: str, seq_len: int | None, batch_size: int | None, max_entities: int | None,
                     idle_expiry_ms: int | None, report_dir: Path | None, compare_window: bool, target: str,
-                    initial_state: str, request_timeout_ms: int) -> None:
+                    initial_state: str, request_timeout_ms: int, metrics_port: int | None = None,
+                    metrics_host: str = "127.0.0.1") -> None:
     """Check the flags of a topic backtest and run it."""
     from streamer.backtest.runner import backtest_topic_command
     from streamer.backtest.topic_replay import TopicReplaySpec, parse_range_bound
@@ -139,7 +146,7 @@ def _backtest_topic(*, model: Path, input: Path | None, topics: list[str], boots
                            allow_existing_output=allow_existing_output, semantics=semantics, seq_len=seq_len,
                            batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
                            report_dir=report_dir, compare_window=compare_window, target=target,
-                           initial_state=initial_state)
+                           initial_state=initial_state, metrics_port=metrics_port, metrics_host=metrics_host)
 
 
 def _security_from_environment():

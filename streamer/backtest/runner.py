@@ -12,8 +12,10 @@ import typer
 from streamer.backtest.file_replay import BacktestResult, run_file_backtest
 from streamer.backtest.report import ReportPaths, accuracy_by_step, format_summary, write_report
 from streamer.backtest.topic_replay import TopicBacktestResult, TopicReplaySpec, parse_target, run_topic_backtest
+from streamer import __version__
 from streamer.errors import ConfigError
 from streamer.io.files import read_outputs
+from streamer.metrics import MetricsServer, StreamerMetrics
 from streamer.model import RecurrentModel, load_model
 
 logger = logging.getLogger(__name__)
@@ -84,7 +86,8 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
                    seq_len: int | None = None, batch_size: int | None = None, max_entities: int | None = None,
                    idle_expiry_ms: int | None = None, report_dir: Path | None = None, compare_window: bool = False,
                    target: str = "event", initial_state: str = "empty", title: str | None = None,
-                   progress: bool | None = None) -> tuple[TopicBacktestResult, ReportPaths]:
+                   progress: bool | None = None, metrics: StreamerMetrics | None = None
+                   ) -> tuple[TopicBacktestResult, ReportPaths]:
     """Replay a range of Kafka topics, write outputs, dead letters and a report; optionally compare with window.
 
     The report goes to ``report_dir``, by default beside the output file, or ``<output topic>-report`` in the
@@ -99,7 +102,9 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
                       else Path(f"{output_topic}-report"))
     dead_letter_path = report_dir / "dead-letter.jsonl" if output_topic is not None else None
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
-                   initial_state=initial_state, target_feature=target_feature, progress=progress)
+                   initial_state=initial_state, target_feature=target_feature, progress=progress, metrics=metrics)
+    if metrics is not None:
+        metrics.set_build_info(__version__, model.fingerprint, semantics, "replay")
     result = run_topic_backtest(model, spec, output_path=output_path, output_topic=output_topic,
                                 dead_letter_path=dead_letter_path, allow_existing_output=allow_existing_output,
                                 keep_topic_outputs=True, semantics=semantics, **options)
@@ -129,12 +134,27 @@ def backtest_topic_command(*, model: Path, spec: TopicReplaySpec, output_path: P
                            output_topic: str | None, allow_existing_output: bool, semantics: str,
                            seq_len: int | None, batch_size: int | None, max_entities: int | None,
                            idle_expiry_ms: int | None, report_dir: Path | None, compare_window: bool, target: str,
-                           initial_state: str) -> None:
-    result, paths = backtest_topic(model, spec, output_path=output_path, output_topic=output_topic,
-                                   allow_existing_output=allow_existing_output, semantics=semantics, seq_len=seq_len,
-                                   batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
-                                   report_dir=report_dir, compare_window=compare_window, target=target,
-                                   initial_state=initial_state)
+                           initial_state: str, metrics_port: int | None = None,
+                           metrics_host: str = "127.0.0.1") -> None:
+    metrics = server = None
+    if metrics_port is not None:
+        metrics = StreamerMetrics()
+        server = MetricsServer(metrics, metrics_host, metrics_port)
+        try:
+            server.start()
+        except OSError as error:
+            raise ConfigError(f"{error.strerror}; choose another --metrics-port, or 0 for any free port") from error
+        typer.echo(f"metrics: http://{metrics_host}:{server.port}/metrics")
+    try:
+        result, paths = backtest_topic(model, spec, output_path=output_path, output_topic=output_topic,
+                                       allow_existing_output=allow_existing_output, semantics=semantics,
+                                       seq_len=seq_len, batch_size=batch_size, max_entities=max_entities,
+                                       idle_expiry_ms=idle_expiry_ms, report_dir=report_dir,
+                                       compare_window=compare_window, target=target, initial_state=initial_state,
+                                       metrics=metrics)
+    finally:
+        if server is not None:
+            server.stop()
     typer.echo(format_summary(json.loads(paths.summary.read_text())))
     for r in result.ranges:
         typer.echo(f"range:        {r.topic}[{r.partition}] offsets {r.start} to {r.end} (exclusive)")

@@ -51,6 +51,7 @@ from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.range_reader import RangeReader
 from streamer.kafka.restore import restore_partition
 from streamer.kafka.security import PLAINTEXT, KafkaSecurity
+from streamer.metrics import StreamerMetrics
 from streamer.model.network import RecurrentModel
 from streamer.state.changelog import StateCodec, changelog_topic
 from streamer.state.snapshot import read_snapshot
@@ -479,21 +480,22 @@ def run_topic_backtest(model: RecurrentModel, spec: TopicReplaySpec, *, output_p
                        semantics: str = "stateful", batch_size: int | None = None, max_entities: int | None = None,
                        idle_expiry_ms: int | None = None, max_record_bytes: int = 1_048_576,
                        initial_state: str = "empty", target_feature: int | None = None,
-                       progress: bool | None = None) -> TopicBacktestResult:
+                       progress: bool | None = None, metrics: StreamerMetrics | None = None) -> TopicBacktestResult:
     """Replay ``spec``'s range and write one output per valid event to a file or an output topic.
 
     Exactly one of ``output_path`` and ``output_topic`` is given. Dead letters go to ``dead_letter_path``
     (default: beside the output file). An output topic must not be an input topic, and must be empty unless
     ``allow_existing_output`` is set; a missing one is created like the first input topic. With
     ``keep_topic_outputs`` the values produced to a topic are also returned in ``output_values``.
-    ``target_feature`` selects next-value targets (:class:`NextValueTargets`).
+    ``target_feature`` selects next-value targets (:class:`NextValueTargets`). With ``metrics``, each round
+    updates the counters and gauges the live service exports for its batches.
     """
     return asyncio.run(_replay(model, spec, output_path=output_path, output_topic=output_topic,
                                dead_letter_path=dead_letter_path, allow_existing_output=allow_existing_output,
                                keep_topic_outputs=keep_topic_outputs, semantics=semantics, batch_size=batch_size,
                                max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
                                max_record_bytes=max_record_bytes, initial_state=initial_state,
-                               target_feature=target_feature, progress=progress))
+                               target_feature=target_feature, progress=progress, metrics=metrics))
 
 
 def _check_arguments(spec: TopicReplaySpec, output_path: Path | None, output_topic: str | None,
@@ -575,7 +577,8 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
                   output_topic: str | None, dead_letter_path: Path | None, allow_existing_output: bool,
                   keep_topic_outputs: bool, semantics: str, batch_size: int | None, max_entities: int | None,
                   idle_expiry_ms: int | None, max_record_bytes: int, initial_state: str,
-                  target_feature: int | None, progress: bool | None) -> TopicBacktestResult:
+                  target_feature: int | None, progress: bool | None,
+                  metrics: StreamerMetrics | None = None) -> TopicBacktestResult:
     _check_arguments(spec, output_path, output_topic, dead_letter_path, batch_size, initial_state)
     described = await describe_partitions(spec.bootstrap_servers, spec.topics, spec.request_timeout_ms,
                                           security=spec.security)
@@ -631,7 +634,7 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
         completed = False
         try:
             await _process_rounds(reader, engine, model, sink, router, result, spec, batch_size,
-                                  max_record_bytes, target_feature, progress)
+                                  max_record_bytes, target_feature, progress, metrics, output_topic)
             completed = True
         finally:
             await reader.close()
@@ -651,7 +654,8 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
 async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentModel, sink: _FileSink,
                           router: _OutputRouter, result: TopicBacktestResult, spec: TopicReplaySpec,
                           batch_size: int, max_record_bytes: int, target_feature: int | None,
-                          progress: bool | None) -> None:
+                          progress: bool | None, metrics: StreamerMetrics | None = None,
+                          output_topic: str | None = None) -> None:
     decoder = EventDecoder(event_format_for(model, max_record_bytes))
     targets = NextValueTargets(target_feature) if target_feature is not None else None
     show_progress = sys.stderr.isatty() if progress is None else progress
@@ -681,11 +685,30 @@ async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentM
             result.outputs += produced
             result.dead_letters += len(dead)
             result.duplicates += step.duplicates
+            if metrics is not None:
+                _record_round(metrics, records.topics, output_topic, produced, dead, step, engine)
             advance(len(records))
             collector.maybe_collect()
         if targets is not None:
             await sink.write(targets.finish())
     result.elapsed_s = time.perf_counter() - started
+
+
+def _record_round(metrics: StreamerMetrics, topics: list[str], output_topic: str | None, produced: int,
+                  dead: list[DeadLetter], step: StepResult, engine: Engine) -> None:
+    """Update the metrics of one replay round as the service does for a batch; outputs count with a topic."""
+    for topic in set(topics):
+        metrics.events_consumed.labels(topic=topic).inc(topics.count(topic))
+    if output_topic is not None:
+        metrics.events_produced.labels(topic=output_topic).inc(produced)
+    for letter in dead:
+        metrics.events_dead_lettered.labels(reason=letter.reason).inc()
+    if step.duplicates:
+        metrics.events_duplicate.inc(step.duplicates)
+    metrics.batch_events.observe(len(topics))
+    metrics.inference_duration_seconds.observe(step.inference_s)
+    metrics.state_entities.set(len(engine.arena))
+    metrics.mark_poll()
 
 
 def _encode(batch: EventBatch, step: StepResult, fingerprint: str, records: Round, router: _OutputRouter,

@@ -15,11 +15,13 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from streamer.backtest.runner import backtest_topic
 from streamer.backtest.topic_replay import ROUND_EVENTS, TopicReplaySpec, parse_range_bound, run_topic_backtest
 from streamer.engine import Engine
 from streamer.errors import ConfigError
 from streamer.io.files import read_outputs
 from streamer.kafka.console_tools import console_produce
+from streamer.metrics import StreamerMetrics
 from streamer.model import load_model
 from tests.service.service_helpers import ServiceProcess, create_topics, produce, read_topic
 
@@ -408,3 +410,30 @@ def test_replay_of_compressed_batches(kafka_bootstrap, events_topic, model_path,
     by_entity_step = {(o["entity"], o["step"]): o["prediction"] for o in read_outputs(tmp_path / "plain.jsonl")}
     replayed = {(o["entity"], o["step"]): o["prediction"] for o in read_outputs(tmp_path / "zstd.jsonl")}
     assert replayed == by_entity_step
+
+
+def test_replay_exports_metrics(kafka_bootstrap, events_topic, model_path, tmp_path):
+    metrics = StreamerMetrics()
+    spec = TopicReplaySpec(kafka_bootstrap, (events_topic,))
+
+    backtest_topic(model_path, spec, output_path=tmp_path / "out.jsonl", progress=False, metrics=metrics)
+
+    def sample(name, **labels):
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("streamer_events_consumed_total", topic=events_topic) == 601
+    assert sample("streamer_events_dead_lettered_total", reason="invalid_json") == 1
+    assert sample("streamer_state_entities") == 25
+    assert sample("streamer_batch_events_count") >= 1
+    build = [s for s in metrics.registry.collect() if s.name == "streamer_build_info"][0].samples[0].labels
+    assert (build["mode"], build["model_fingerprint"]) == ("replay", load_model(model_path).fingerprint)
+
+
+def test_metrics_port_needs_a_topic(model_path, tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"entity": "a", "features": [1, 2, 3, 4]}\n')
+    completed = subprocess.run([sys.executable, "-m", "streamer", "backtest", "--model", str(model_path), "--input",
+                                str(events), "--output", str(tmp_path / "out.jsonl"), "--metrics-port", "0"],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "Invalid --metrics-port for a file backtest" in completed.stderr
