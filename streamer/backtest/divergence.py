@@ -61,18 +61,20 @@ class Divergence:
         }
 
 
-def _source_keys(scored: ScoredRecords) -> list[bytes] | None:
+def _source_keys(scored: ScoredRecords) -> list[str] | None:
+    if "source_key" in scored.frame.columns:  # from read_scored_outputs
+        return scored.frame["source_key"].tolist()
     if "source" not in scored.frame.columns:
         return None
     keys = []
     for source in scored.frame["source"]:
         if not isinstance(source, Mapping) or not source:
             return None
-        keys.append(orjson.dumps(dict(source), option=orjson.OPT_SORT_KEYS))
+        keys.append(orjson.dumps(dict(source), option=orjson.OPT_SORT_KEYS).decode())
     return keys
 
 
-def _keyed(scored: ScoredRecords, source_keys: list[bytes] | None, side: str) -> pd.DataFrame:
+def _keyed(scored: ScoredRecords, source_keys: list[str] | None, side: str) -> pd.DataFrame:
     """Return the run's entity, ts, step and row number, indexed by the join key."""
     frame = scored.frame[["entity", "ts", "step"]].copy()
     frame["row"] = np.arange(len(frame))
@@ -92,7 +94,7 @@ def _keyed(scored: ScoredRecords, source_keys: list[bytes] | None, side: str) ->
     return frame.set_index(key_columns)
 
 
-def _join_keys(left: ScoredRecords, right: ScoredRecords, on: JoinKey) -> tuple[list[bytes] | None, list[bytes] | None]:
+def _join_keys(left: ScoredRecords, right: ScoredRecords, on: JoinKey) -> tuple[list[str] | None, list[str] | None]:
     """Return the source keys of both runs, or (None, None) to join on (entity, ts, step)."""
     if on not in ("auto", "source", "ts"):
         raise ValueError(f"invalid join key {on!r}: expected 'auto', 'source' or 'ts'")

@@ -298,8 +298,7 @@ def accuracy_by_step(runs: Mapping[str, Iterable[Mapping]], seq_len: int) -> dic
     """
     table: dict = {"seq_len": seq_len, "runs": {}}
     for name, outputs in runs.items():
-        scored = [(output["step"], _mean_abs_error(output["prediction"], output["target"]))
-                  for output in outputs if output.get("target") is not None]
+        scored = _step_errors(outputs)
         groups = {"all": [error for _, error in scored],
                   "partial_windows": [error for step, error in scored if step < seq_len],
                   "full_windows": [error for step, error in scored if step >= seq_len]}
@@ -326,6 +325,16 @@ def format_accuracy_by_step(table: Mapping) -> str:
     lines.append(f"  {note}Both semantics give the same outputs up to step {seq_len}. From step {seq_len + 1} on, "
                  f"stateful carries state past the {seq_len} events the model was trained on.")
     return "\n".join(lines)
+
+
+def _step_errors(outputs: Iterable[Mapping] | ScoredRecords) -> list[tuple[int, float]]:
+    """Return (step, mean absolute error over the output's values) of every output with a target."""
+    if isinstance(outputs, ScoredRecords):
+        with_target = ~np.isnan(outputs.targets).all(axis=1)
+        errors = np.abs(outputs.predictions - outputs.targets)[with_target].mean(axis=1)
+        return list(zip(outputs.frame["step"].to_numpy()[with_target].tolist(), errors.tolist()))
+    return [(output["step"], _mean_abs_error(output["prediction"], output["target"]))
+            for output in outputs if output.get("target") is not None]
 
 
 def _mean_abs_error(prediction: list[float], target: float | list[float]) -> float:

@@ -10,11 +10,11 @@ import orjson
 import typer
 
 from streamer.backtest.file_replay import BacktestResult, run_file_backtest
+from streamer.backtest.metrics import read_scored_outputs
 from streamer.backtest.report import ReportPaths, accuracy_by_step, format_summary, write_report
 from streamer.backtest.topic_replay import TopicBacktestResult, TopicReplaySpec, parse_target, run_topic_backtest
 from streamer import __version__
 from streamer.errors import ConfigError
-from streamer.io.files import read_outputs
 from streamer.metrics import MetricsServer, StreamerMetrics
 from streamer.model import RecurrentModel, load_model
 
@@ -46,9 +46,9 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     if compare_window and semantics == "stateful":
         window_path = window_output_path(output_path)
         run_file_backtest(model, input_path, window_path, semantics="window", **options)
-        window_records = read_outputs(window_path)
+        window_records = read_scored_outputs(window_path)
     report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
-    records = read_outputs(output_path)
+    records = read_scored_outputs(output_path)
     run_summary = {**result.as_dict(), "events_per_second": result.events_per_s, "semantics": semantics,
                    "model": model.fingerprint}
     if window_records is not None:
@@ -112,9 +112,9 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
     if compare_window and semantics == "stateful":
         window_path = window_output_path(output_path) if output_path is not None else report_dir / "window.jsonl"
         run_topic_backtest(model, spec, output_path=window_path, semantics="window", **options)
-        window_records = read_outputs(window_path)
+        window_records = read_scored_outputs(window_path)
     if output_path is not None:
-        records = read_outputs(output_path)
+        records = read_scored_outputs(output_path)
     else:
         records = [orjson.loads(value) for value in result.output_values or ()]
     topics = ", ".join(spec.topics)

@@ -7,6 +7,7 @@ import math
 import re
 
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
@@ -433,3 +434,30 @@ def test_accuracy_by_step_counts_every_output():
     # (|1 - 2| + |10 - 14|) / 2 for the first event, 0 for the second: the same MAE as over all values.
     assert table["runs"]["stateful"]["all"] == {"mae": pytest.approx(1.25), "n": 2}
     assert table["runs"]["stateful"]["partial_windows"] == {"mae": pytest.approx(2.5), "n": 1}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_scored_outputs_read_by_column_equal_the_records(tmp_path, suffix):
+    from streamer.backtest.divergence import divergence
+    from streamer.backtest.metrics import read_scored_outputs, to_scored_records
+    from streamer.io.files import OutputWriter, read_outputs
+
+    rows = [{"entity": "a", "ts": 1000 + i, "step": i + 1, "prediction": [0.5 * i, 2.0 - i],
+             "model": "m", "source": {"file": "f.jsonl", "record": i}} for i in range(5)]
+    rows[1]["ts"] = None
+    rows[2]["target"] = [1.0, 2.0]
+    rows[4]["target"] = [3, 4]
+    path = tmp_path / f"out{suffix}"
+    with OutputWriter(path) as writer:
+        writer.write([orjson.dumps(row) for row in rows])
+
+    by_column = read_scored_outputs(path)
+    by_record = to_scored_records(read_outputs(path))
+
+    np.testing.assert_array_equal(by_column.predictions, by_record.predictions)
+    np.testing.assert_array_equal(by_column.targets, by_record.targets)
+    for column in ("entity", "ts", "step"):
+        assert by_column.frame[column].tolist() == by_record.frame[column].tolist()
+    shifted = [{**row, "prediction": [value + 0.25 for value in row["prediction"]]} for row in rows]
+    assert divergence(by_column, shifted).matched == 5
+    assert divergence(by_column, shifted).join_key == "source"
