@@ -27,11 +27,14 @@ _RECURRENT_KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 def _check_tensors(state_dict: Mapping[str, Any]) -> None:
     if not state_dict:
         raise ModelError("Invalid model file: the state_dict is empty")
+    # A training checkpoint ({"epoch": ..., "model_state_dict": {...}}) is named for its nested state_dict,
+    # wherever that sits among the entries.
+    nested = next((key for key, value in state_dict.items() if isinstance(value, Mapping)), None)
+    if nested is not None:
+        raise ModelError(f"Invalid state_dict entry {nested!r}: expected a tensor, found a mapping; a training "
+                         f"checkpoint that holds the state_dict under {nested!r} can be served after saving that "
+                         f"entry alone: torch.save(checkpoint[{nested!r}], path)")
     for key, value in state_dict.items():
-        if isinstance(value, Mapping):
-            raise ModelError(f"Invalid state_dict entry {key!r}: expected a tensor, found a mapping; a training "
-                             f"checkpoint that holds the state_dict under {key!r} can be served after saving that "
-                             f"entry alone: torch.save(checkpoint[{key!r}], path)")
         if not isinstance(value, torch.Tensor):
             raise ModelError(f"Invalid state_dict entry {key!r}: expected a tensor, found {type(value).__name__}")
         if not value.is_floating_point():

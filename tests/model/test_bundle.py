@@ -87,3 +87,11 @@ def test_manifest_nonlinearity():
     assert ModelManifest("rnn", nonlinearity="tanh", **base) == ModelManifest("rnn", **base)
     with pytest.raises(ModelError, match="only an RNN cell"):
         ModelManifest("lstm", nonlinearity="relu", **base)
+
+
+def test_training_checkpoint_names_its_state_dict(tmp_path):
+    net = Net(nn.LSTM(2, 4, 1, batch_first=True), 4)
+    torch.save({"epoch": 3, "model_state_dict": net.state_dict(), "loss": 0.1}, tmp_path / "checkpoint.pt")
+
+    with pytest.raises(ModelError, match=r"torch.save\(checkpoint\['model_state_dict'\], path\)"):
+        load_model(tmp_path / "checkpoint.pt")
