@@ -30,7 +30,10 @@ class BacktestResult:
     outputs: int = 0
     dead_letters: int = 0
     duplicates: int = 0
+    # Entities in state at the end; with --max-entities or --idle-expiry-ms, fewer than the run saw.
     entities: int = 0
+    evictions: int = 0
+    expirations: int = 0
     elapsed_s: float = 0.0
     output_path: Path | None = None
     dead_letter_path: Path | None = None
@@ -43,8 +46,9 @@ class BacktestResult:
     def as_dict(self) -> dict[str, Any]:
         return {
             "events": self.events, "outputs": self.outputs, "dead_letters": self.dead_letters,
-            "duplicates": self.duplicates, "entities": self.entities, "elapsed_s": round(self.elapsed_s, 3),
-            "events_per_s": round(self.events_per_s, 1), "output": str(self.output_path),
+            "duplicates": self.duplicates, "entities_in_state": self.entities, "evictions": self.evictions,
+            "expirations": self.expirations, "elapsed_s": round(self.elapsed_s, 3),
+            "events_per_second": round(self.events_per_s, 1), "output": str(self.output_path),
             "dead_letter_output": str(self.dead_letter_path), "dead_letter_reasons": self.dead_letter_reasons,
         }
 
@@ -109,6 +113,7 @@ def run_file_backtest(model: RecurrentModel, input_path: str | Path, output_path
             collector.maybe_collect()
     result.elapsed_s = time.perf_counter() - started
     result.entities = len(engine.arena)
+    result.evictions, result.expirations = engine.arena.evictions, engine.arena.expirations
     logger.info("Backtest of %s: %d events, %d outputs, %d dead letters in %.2f s", input_path, result.events,
                 result.outputs, result.dead_letters, result.elapsed_s)
     return result

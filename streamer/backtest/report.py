@@ -259,6 +259,9 @@ def format_summary(summary: Mapping) -> str:
     if run.get("duplicates"):
         counts.append(f"duplicates {run['duplicates']} (not applied: at or below their entity's last applied "
                       "offset, as in events the initial state already holds)")
+    for name in ("evictions", "expirations"):
+        if run.get(name):
+            counts.append(f"{name} {run[name]}")
     if "events_per_second" in run:
         counts.append(f"{_format_number(float(run['events_per_second']), ',.0f')} events/s")
     if "elapsed_s" in run:

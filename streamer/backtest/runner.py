@@ -49,7 +49,7 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
         window_records = read_scored_outputs(window_path)
     report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
     records = read_scored_outputs(output_path)
-    run_summary = {**result.as_dict(), "events_per_second": result.events_per_s, "semantics": semantics,
+    run_summary = {**result.as_dict(), "semantics": semantics,
                    "model": model.fingerprint}
     if window_records is not None:
         run_summary["accuracy_by_step"] = accuracy_by_step({"window": window_records, "stateful": records},
@@ -118,7 +118,7 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
     else:
         records = [orjson.loads(value) for value in result.output_values or ()]
     topics = ", ".join(spec.topics)
-    run_summary = {**result.as_dict(), "events_per_second": result.events_per_s, "model": model.fingerprint,
+    run_summary = {**result.as_dict(), "model": model.fingerprint,
                    "target": target, "initial_state": initial_state, "from": spec.start.describe(),
                    "to": spec.end.describe()}
     # Steps count from an entity's first event only when the replay starts from empty state.

@@ -646,6 +646,7 @@ async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: 
         if producer is not None:
             await producer.stop()
     result.entities = len(engine.arena)
+    result.evictions, result.expirations = engine.arena.evictions, engine.arena.expirations
     logger.info("Replay of %s: %d events, %d outputs, %d dead letters in %.2f s", ", ".join(spec.topics),
                 result.events, result.outputs, result.dead_letters, result.elapsed_s)
     return result

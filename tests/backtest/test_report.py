@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import pandas as pd
 import pytest
+import torch
 
 from streamer.backtest import divergence, format_summary, write_report
 from streamer.backtest.report import accuracy_by_step, format_accuracy_by_step
@@ -461,3 +462,22 @@ def test_scored_outputs_read_by_column_equal_the_records(tmp_path, suffix):
     shifted = [{**row, "prediction": [value + 0.25 for value in row["prediction"]]} for row in rows]
     assert divergence(by_column, shifted).matched == 5
     assert divergence(by_column, shifted).join_key == "source"
+
+
+def test_summary_counts_evictions(tmp_path):
+    from streamer.backtest.runner import backtest_file
+    from streamer.model import SeedNet
+
+    torch.manual_seed(0)
+    torch.save(SeedNet(2, 4, 3, 1, 1).state_dict(), tmp_path / "net.pt")
+    lines = [orjson.dumps({"entity": f"e{i % 5}", "ts": i, "features": [0.1 * i, 1.0]}) for i in range(20)]
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+    _, paths = backtest_file(tmp_path / "net.pt", tmp_path / "in.jsonl", tmp_path / "out.jsonl", max_entities=3,
+                             batch_size=2)
+    summary = json.loads(paths.summary.read_text())
+
+    assert summary["entities"] == 5
+    assert summary["run"]["entities_in_state"] == 3
+    assert summary["run"]["evictions"] > 0
+    assert f"evictions {summary['run']['evictions']}" in format_summary(summary)
