@@ -189,10 +189,10 @@ class StreamerService:
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def request_stop(self) -> None:
+    def request_stop(self, reason: str = "Stop requested") -> None:
         """Ask the service to stop: no more fetches; the in-flight batch is finished and checkpointed."""
         if not self._stop_requested.is_set():
-            logger.info("Stop requested; finishing the in-flight batch (deadline %.0f s)",
+            logger.info("%s; finishing the in-flight batch (deadline %.0f s)", reason,
                         self.settings.shutdown_timeout_s)
             self._stop_deadline = time.monotonic() + self.settings.shutdown_timeout_s
             self._stop_requested.set()
@@ -211,7 +211,7 @@ class StreamerService:
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.request_stop)
+            loop.add_signal_handler(signum, self.request_stop, f"{signal.Signals(signum).name} received")
 
     async def run(self) -> None:
         """Start, process batches until a stop is requested, then shut down.
@@ -366,7 +366,12 @@ class StreamerService:
     async def _final_checkpoint(self) -> None:
         try:
             async with self._batch_lock:
-                await self._checkpoint()
+                if await self._checkpoint():
+                    committed = {tp: offset for tp, offset in self.checkpointer.committed_offsets.items()
+                                 if tp in self._assignment and offset is not None}
+                    logger.info("Final checkpoint done; committed offsets %s",
+                                ", ".join(f"{_format_partition(tp)}@{offset}"
+                                          for tp, offset in sorted(committed.items())) or "none")
         except (BrokerError, KafkaError, asyncio.TimeoutError, RejoinRequired) as error:
             logger.warning("Final checkpoint failed; uncommitted events will be replayed: %r", error)
 
@@ -402,8 +407,12 @@ class StreamerService:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._broker_probe = self._lag_update = None
-        if self.consumer is not None:
-            await self._until_deadline(self.consumer.stop(), "Consumer leaving the group")
+        if self.consumer is not None and await self._until_deadline(self.consumer.stop(), "Consumer leaving the group"):
+            if self.settings.group_instance_id is None:
+                logger.info("Left consumer group %s", self.settings.group_id)
+            else:
+                logger.info("Stopped static member %s of group %s: its partitions move after the session timeout "
+                            "unless it returns", self.settings.group_instance_id, self.settings.group_id)
         if self.producer is not None:
             await self._until_deadline(self.producer.stop(), "Producer stop")
         self.consumer = self.producer = None
@@ -424,12 +433,13 @@ class StreamerService:
             self.metrics_server.stop()
         logger.info("Stopped after %d events", self.events_processed)
 
-    async def _until_deadline(self, call, operation: str) -> None:
-        """Await one shutdown step, giving up with a warning at the shutdown deadline or on a broker error."""
+    async def _until_deadline(self, call, operation: str) -> bool:
+        """Await one shutdown step; return whether it finished, or log a warning at the deadline or an error."""
         deadline = self._stop_deadline or time.monotonic() + self.settings.shutdown_timeout_s
         remaining_s = max(0.1, deadline - time.monotonic())
         try:
             await asyncio.wait_for(call, remaining_s)
+            return True
         except (asyncio.TimeoutError, KafkaError) as error:
             logger.warning("%s did not finish before the shutdown deadline: %r", operation, error)
         except asyncio.CancelledError as error:
@@ -439,6 +449,7 @@ class StreamerService:
             if task is not None and task.cancelling():
                 raise
             logger.warning("%s ended with a cancelled Kafka client task: %r", operation, error)
+        return False
 
     # -- rebalances --------------------------------------------------------------------------------------
 
@@ -631,7 +642,7 @@ class StreamerService:
         except StateError as error:
             logger.error("Restore of %s failed, stopping: %s", _format_partition(tp), error)
             self._fatal_error = error
-            self.request_stop()
+            self.request_stop("Stopping after the failed restore")
             return
         except (KafkaError, BrokerError, asyncio.TimeoutError, OSError) as error:
             logger.warning("Restore of %s failed, rejoining: %r", _format_partition(tp), error)
@@ -644,7 +655,7 @@ class StreamerService:
             # this, the partition would stay paused, and the member not ready, with nothing in the log.
             logger.exception("Restore of %s failed with an unexpected error, stopping", _format_partition(tp))
             self._fatal_error = StateError(f"The restore of {_format_partition(tp)} failed: {error!r}")
-            self.request_stop()
+            self.request_stop("Stopping after the failed restore")
             return
         try:
             await self._check_restored_offsets(tp)

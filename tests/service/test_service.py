@@ -206,6 +206,12 @@ def test_sigterm_commits_at_last_acknowledged_output_and_restart_resumes(kafka_b
                          if orjson.loads(r.value)["source"]["partition"] == partition)
         assert offsets == list(range(len(offsets)))  # every event once, none skipped, none twice
         assert (committed[partition] or 0) == len(offsets)  # None: nothing committed yet
+    log = first.log()
+    assert "SIGTERM received; finishing the in-flight batch" in log
+    committed_line = re.search(r"Final checkpoint done; committed offsets (.*)", log)
+    assert committed_line is not None, log
+    assert all(f"[{p}]@{committed[p]}" in committed_line.group(1) for p in range(2) if committed[p])
+    assert f"Left consumer group {topics['group_id']}" in log
 
     second = ServiceProcess(tmp_path, **settings)
     try:
