@@ -136,8 +136,18 @@ def decode_chunk(decoder: EventDecoder, chunk: RecordChunk) -> tuple[EventBatch,
 
 
 def _total_events(path: Path, counted: bool) -> int | None:
-    """Count the lines of a JSON Lines file for the progress bar; None for other formats or no bar."""
-    if not counted or path.suffix.lower() not in (".jsonl", ".ndjson"):
+    """Count the records for the progress bar: lines of JSON Lines, rows of Parquet; None otherwise or no bar."""
+    suffix = path.suffix.lower()
+    if not counted or not path.is_file():
+        return None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception:  # an unreadable file gets its own error from the reader; the bar just has no total
+            return None
+    if suffix not in (".jsonl", ".ndjson", ".json"):
         return None
     return _count_lines(path)
 
