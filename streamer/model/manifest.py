@@ -53,6 +53,10 @@ class ModelManifest:
         if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 1):
             raise ModelError(f"Invalid manifest field seq_len={self.seq_len!r}: expected a positive integer")
         if self.feature_names is not None:
+            if isinstance(self.feature_names, (str, bytes)) or not all(
+                    isinstance(name, str) and name for name in self.feature_names):
+                raise ModelError(f"Invalid feature_names {self.feature_names!r}: expected a list of non-empty "
+                                 "strings, one per input")
             object.__setattr__(self, "feature_names", tuple(self.feature_names))
             names = list(self.feature_names)
             if len(set(names)) != len(names):

@@ -95,3 +95,9 @@ def test_training_checkpoint_names_its_state_dict(tmp_path):
 
     with pytest.raises(ModelError, match=r"torch.save\(checkpoint\['model_state_dict'\], path\)"):
         load_model(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("names", ["ab", [1, 2], ["a", ""]])
+def test_feature_names_must_be_strings(names):
+    with pytest.raises(ModelError, match="expected a list of non-empty strings"):
+        ModelManifest("lstm", input_size=2, hidden_size=4, num_layers=1, output_size=1, feature_names=names)
