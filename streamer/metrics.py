@@ -416,6 +416,25 @@ class StreamerMetrics:
         except KeyError:
             pass
 
+    def record_batch(self, topics: list[str], output_topic: str | None, produced: int, dead_reasons: list[str],
+                     duplicates: int, inference_s: float, entities: int, evictions: int = 0,
+                     expirations: int = 0) -> None:
+        """Count one batch: ``topics`` holds each record's input topic, outputs count when ``output_topic``
+        is given, and ``evictions`` and ``expirations`` are the batch's new ones."""
+        for topic in set(topics):
+            self.events_consumed.labels(topic=topic).inc(topics.count(topic))
+        if output_topic is not None:
+            self.events_produced.labels(topic=output_topic).inc(produced)
+        for reason in dead_reasons:
+            self.events_dead_lettered.labels(reason=reason).inc()
+        if duplicates:
+            self.events_duplicate.inc(duplicates)
+        self.batch_events.observe(len(topics))
+        self.inference_duration_seconds.observe(inference_s)
+        self.state_entities.set(entities)
+        self.state_evictions.inc(evictions)
+        self.state_expirations.inc(expirations)
+
     def mark_poll(self, timestamp: float | None = None) -> None:
         """Set ``streamer_last_poll_timestamp_seconds`` to ``timestamp`` (unix seconds), or to now."""
         self.last_poll_timestamp_seconds.set(time.time() if timestamp is None else timestamp)

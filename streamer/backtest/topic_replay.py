@@ -660,6 +660,7 @@ async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentM
     decoder = EventDecoder(event_format_for(model, max_record_bytes))
     targets = NextValueTargets(target_feature) if target_feature is not None else None
     show_progress = sys.stderr.isatty() if progress is None else progress
+    evictions, expirations = engine.arena.evictions, engine.arena.expirations  # counted in metrics so far
     total = sum(r.size for r in result.ranges)
     started = time.perf_counter()
     # The total counts offsets, so transaction markers can leave the bar a little short of full.
@@ -687,29 +688,17 @@ async def _process_rounds(reader: RangeReader, engine: Engine, model: RecurrentM
             result.dead_letters += len(dead)
             result.duplicates += step.duplicates
             if metrics is not None:
-                _record_round(metrics, records.topics, output_topic, produced, dead, step, engine)
+                arena = engine.arena
+                metrics.record_batch(records.topics, output_topic, produced, [letter.reason for letter in dead],
+                                     step.duplicates, step.inference_s, len(arena), arena.evictions - evictions,
+                                     arena.expirations - expirations)
+                evictions, expirations = arena.evictions, arena.expirations
+                metrics.mark_poll()
             advance(len(records))
             collector.maybe_collect()
         if targets is not None:
             await sink.write(targets.finish())
     result.elapsed_s = time.perf_counter() - started
-
-
-def _record_round(metrics: StreamerMetrics, topics: list[str], output_topic: str | None, produced: int,
-                  dead: list[DeadLetter], step: StepResult, engine: Engine) -> None:
-    """Update the metrics of one replay round as the service does for a batch; outputs count with a topic."""
-    for topic in set(topics):
-        metrics.events_consumed.labels(topic=topic).inc(topics.count(topic))
-    if output_topic is not None:
-        metrics.events_produced.labels(topic=output_topic).inc(produced)
-    for letter in dead:
-        metrics.events_dead_lettered.labels(reason=letter.reason).inc()
-    if step.duplicates:
-        metrics.events_duplicate.inc(step.duplicates)
-    metrics.batch_events.observe(len(topics))
-    metrics.inference_duration_seconds.observe(step.inference_s)
-    metrics.state_entities.set(len(engine.arena))
-    metrics.mark_poll()
 
 
 def _encode(batch: EventBatch, step: StepResult, fingerprint: str, records: Round, router: _OutputRouter,

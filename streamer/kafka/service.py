@@ -1046,20 +1046,11 @@ class StreamerService:
 
     def _record_batch(self, fetched: FetchedBatch, result: StepResult, dead: list[DeadLetter], produced: int
                       ) -> None:
-        metrics = self.metrics
-        for topic in set(fetched.topics):
-            metrics.events_consumed.labels(topic=topic).inc(fetched.topics.count(topic))
-        metrics.events_produced.labels(topic=self.settings.output_topic).inc(produced)
-        for letter in dead:
-            metrics.events_dead_lettered.labels(reason=letter.reason).inc()
-        if result.duplicates:
-            metrics.events_duplicate.inc(result.duplicates)
-        metrics.batch_events.observe(len(fetched))
-        metrics.inference_duration_seconds.observe(result.inference_s)
         arena = self.engine.arena
-        metrics.state_entities.set(len(arena))
-        metrics.state_evictions.inc(arena.evictions - self._evictions_seen)
-        metrics.state_expirations.inc(arena.expirations - self._expirations_seen)
+        self.metrics.record_batch(fetched.topics, self.settings.output_topic, produced,
+                                  [letter.reason for letter in dead], result.duplicates, result.inference_s,
+                                  len(arena), arena.evictions - self._evictions_seen,
+                                  arena.expirations - self._expirations_seen)
         self._evictions_seen, self._expirations_seen = arena.evictions, arena.expirations
         self.events_processed += len(fetched)
         logger.debug("Batch of %d events: %d outputs, %d dead letters, %d waves", len(fetched), produced,

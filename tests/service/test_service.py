@@ -299,19 +299,24 @@ def test_session_timeout_rejected_by_broker(kafka_bootstrap, tmp_path):
     assert "error: Invalid session timeout 1000 ms (--session-timeout-ms)" in result.stderr
 
 
+def serve_and_read(tmp_path, bootstrap: str, model_path, topics: dict[str, str], count: int, **settings) -> list:
+    """Run a one-partition service until ``count`` outputs can be read (or 30 s pass); return them."""
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=bootstrap, topic_partitions=1,
+                             **settings, **topics)
+    try:
+        service.wait_ready()
+        return asyncio.run(read_topic(bootstrap, topics["output_topic"], count, timeout_s=30))
+    finally:
+        assert service.stop() == 0, service.log()
+
+
 @pytest.mark.parametrize("compression", ["gzip", "snappy", "lz4", "zstd"])
 def test_compressed_input_records(kafka_bootstrap, model_path, tmp_path, compression):
     topics = names(f"compressed-{compression}")
     asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
     events = make_events(30, 3)
     console_produce(kafka_bootstrap, topics["input_topics"], events, compression=compression)
-    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
-                             **topics)
-    try:
-        service.wait_ready()
-        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 30, timeout_s=30))
-    finally:
-        assert service.stop() == 0, service.log()
+    outputs = serve_and_read(tmp_path, kafka_bootstrap, model_path, topics, 30)
     assert len(outputs) == 30
     assert sorted(orjson.loads(record.value)["step"] for record in outputs) == sorted(list(range(1, 11)) * 3)
 
@@ -320,13 +325,7 @@ def test_outputs_compressed_as_configured(kafka_broker, kafka_bootstrap, model_p
     topics = names("compressed-out")
     asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: 1}))
     asyncio.run(produce(kafka_bootstrap, topics["input_topics"], make_events(30, 3)))
-    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=1,
-                             compression_type="zstd", **topics)
-    try:
-        service.wait_ready()
-        outputs = asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 30, timeout_s=30))
-    finally:
-        assert service.stop() == 0, service.log()
+    outputs = serve_and_read(tmp_path, kafka_bootstrap, model_path, topics, 30, compression_type="zstd")
     assert len(outputs) == 30
     segments = sorted((kafka_broker.log_dir / f"{topics['output_topic']}-0").glob("*.log"))
     dump = subprocess.run([*tool_command(DEFAULT_KAFKA_VERSION, "kafka.tools.DumpLogSegments"), "--files",
