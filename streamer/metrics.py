@@ -419,8 +419,8 @@ class StreamerMetrics:
     def record_batch(self, topics: list[str], output_topic: str | None, produced: int, dead_reasons: list[str],
                      duplicates: int, inference_s: float, entities: int, evictions: int = 0,
                      expirations: int = 0) -> None:
-        """Count one batch: ``topics`` holds each record's input topic, outputs count when ``output_topic``
-        is given, and ``evictions`` and ``expirations`` are the batch's new ones."""
+        """Count one batch. ``topics`` contains each record's input topic, outputs count only when
+        ``output_topic`` is given, and ``evictions`` and ``expirations`` are the batch's new ones."""
         for topic in set(topics):
             self.events_consumed.labels(topic=topic).inc(topics.count(topic))
         if output_topic is not None:

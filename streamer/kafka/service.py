@@ -535,7 +535,7 @@ class StreamerService:
     async def _abort_quietly(self) -> None:
         """Abort the open transaction; a failure is logged, as the transaction ends by timeout anyway.
 
-        A fenced producer is in a fatal state in which aiokafka refuses the abort with an AssertionError;
+        A fenced producer is in a fatal state in which aiokafka rejects the abort with an AssertionError;
         the rejoin that follows starts a new producer.
         """
         try:
@@ -600,7 +600,7 @@ class StreamerService:
 
     @property
     def _reset_position(self) -> str:
-        """Where the consumer starts a partition without a valid committed offset: the log's start or end."""
+        """Return where the consumer starts a partition without a valid committed offset: the log's start or end."""
         return "start" if self.settings.auto_offset_reset == "earliest" else "end"
 
     async def _check_restored_offsets(self, tp: TopicPartition) -> None:

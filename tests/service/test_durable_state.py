@@ -508,9 +508,9 @@ def test_stalled_member_writes_no_stale_state(kafka_bootstrap, model_path, tmp_p
                 guarantee=guarantee, session_timeout_ms=6000, **topics)
     # The first member checkpoints after each 300 events only, so that the 200 events before its pause stay
     # unsaved until it resumes. Its fetches wait 5 s for data, so that after the pause it usually checkpoints
-    # before it has fetched the events the second member processed meanwhile. NOTE: under at-least-once,
-    # a resumed member that catches up first writes current states, so without the membership check this case
-    # fails only in some runs; under exactly-once the duplicate outputs make it fail in every run.
+    # before it has fetched the events the second member processed meanwhile.
+    # NOTE: a resumed member that catches up first writes current states. So without the membership check the
+    # at-least-once case fails only in some runs, while the duplicate outputs fail exactly-once in every run.
     first = ServiceProcess(tmp_path, group_instance_id="first", checkpoint_events=300,
                            checkpoint_interval_ms=600_000, fetch_min_bytes=10_000_000, fetch_max_wait_ms=5000,
                            **base)
