@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import (CommitFailedError, IllegalStateError, InvalidSessionTimeoutError, KafkaError,
-                             ProducerFenced)
+from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidSessionTimeoutError,
+                             KafkaError, ProducerFenced)
 
 from streamer import __version__
 from streamer.backtest.file_replay import event_format_for
@@ -40,6 +40,10 @@ from streamer.state.snapshot import Snapshot, read_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
 
+# What aiokafka raises, outside KafkaError, for a call its transaction state does not allow: after the broker
+# aborted the transaction at its timeout and fenced the producer, "Not in the middle of a transaction" or an
+# invalid state transition.
+TRANSACTION_STATE_ERRORS = (IllegalOperation, AssertionError)
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
 TRANSACTION_TIMEOUT_MS = 15_000
 MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
@@ -540,7 +544,7 @@ class StreamerService:
         """
         try:
             await self.checkpointer.abort()
-        except (KafkaError, asyncio.TimeoutError, AssertionError) as error:
+        except (KafkaError, asyncio.TimeoutError, *TRANSACTION_STATE_ERRORS) as error:
             logger.warning("Aborting the open transaction failed: %r", error)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -876,6 +880,9 @@ class StreamerService:
         except ProducerFenced as error:
             self.metrics.checkpoint_failures.inc()
             raise RejoinRequired(f"producer fenced: {error!r}") from error
+        except TRANSACTION_STATE_ERRORS as error:
+            self.metrics.checkpoint_failures.inc()
+            raise RejoinRequired(f"transaction ended by the broker: {error!r}") from error
         except (KafkaError, asyncio.TimeoutError) as error:
             self.metrics.checkpoint_failures.inc()
             if self.exactly_once:
@@ -959,7 +966,7 @@ class StreamerService:
             await self.checkpointer.begin()
             futures = await send_records(self.producer, settings.output_topic, *outputs)
             futures += await send_records(self.producer, settings.dead_letter_topic, *letters)
-        except (KafkaError, asyncio.TimeoutError) as error:
+        except (KafkaError, asyncio.TimeoutError, *TRANSACTION_STATE_ERRORS) as error:
             raise RejoinRequired(f"sending in a transaction failed: {error!r}") from error
         # A failed send also fails the transaction's commit, which is where it is handled.
         for future in futures:
