@@ -57,6 +57,14 @@ class ServiceProcess:
             time.sleep(0.2)
         raise TimeoutError(f"service not ready after {timeout_s} s:\n{self.log()}")
 
+    def wait_for_log(self, text: str, timeout_s: float = 60.0) -> None:
+        """Wait until ``text`` appears in the log; fail if the process exits or the time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.log():
+            assert self.process.poll() is None, self.log()
+            assert time.monotonic() < deadline, f"{text!r} not logged within {timeout_s} s:\n{self.log()}"
+            time.sleep(0.5)
+
     def metric(self, name: str) -> float:
         """Sum of all samples of ``name`` in the /metrics output."""
         _, text = self.get("/metrics")
