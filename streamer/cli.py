@@ -154,9 +154,7 @@ def _security_from_environment():
     from streamer.config import load_settings
     from streamer.kafka.security import KafkaSecurity
 
-    security = KafkaSecurity.from_settings(load_settings())
-    security.client_options()  # loads the TLS certificates now, so that a bad file stops the start
-    return security
+    return KafkaSecurity.from_settings(load_settings())
 
 
 def _flag(default, name: str, text: str, **options):

@@ -180,7 +180,7 @@ class Checkpointer:
         self._observe_checkpoint(prepared.offsets, prepared.started)
 
     async def fence(self, offsets: dict[TopicPartition, int]) -> None:
-        """Commit ``offsets``, the last committed ones, again; raise if the group has moved on without this member.
+        """Commit the last committed ``offsets`` again, and raise if the group has moved on without this member.
 
         The group coordinator accepts an offset commit only from a member of its current generation, and
         aiokafka raises ``CommitFailedError`` otherwise. The values are those already committed, so the

@@ -61,6 +61,8 @@ class KafkaSecurity:
                 raise ConfigError(f"{flag} file not found: {path}")
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ConfigError("A client certificate needs both --ssl-certfile and --ssl-keyfile")
+        if self.uses_ssl:
+            self.ssl_context  # loads the certificates now, so that an unreadable file stops the start
 
     @property
     def uses_sasl(self) -> bool:

@@ -40,9 +40,9 @@ from streamer.state.snapshot import Snapshot, read_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
 
-# What aiokafka raises, outside KafkaError, for a call its transaction state does not allow: after the broker
-# aborted the transaction at its timeout and fenced the producer, "Not in the middle of a transaction" or an
-# invalid state transition.
+# Exceptions outside KafkaError that aiokafka raises for a call its transaction state does not allow, as after
+# the broker aborted the transaction at its timeout and fenced the producer: "Not in the middle of a
+# transaction" (IllegalOperation) or an invalid state transition (AssertionError).
 TRANSACTION_STATE_ERRORS = (IllegalOperation, AssertionError)
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
 TRANSACTION_TIMEOUT_MS = 15_000
@@ -105,7 +105,6 @@ class StreamerService:
                               "by input partition number")
         self.settings = settings
         self.security = KafkaSecurity.from_settings(settings)
-        self.security.client_options()  # loads the TLS certificates now, so that a bad file stops the start
         self.exactly_once = settings.guarantee == "exactly-once"
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
