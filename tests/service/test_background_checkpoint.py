@@ -1,10 +1,12 @@
-"""At-least-once checkpoints complete in the background: the loop keeps processing while a commit is pending."""
+"""A member in one process with faults injected into its Kafka clients: pending commits, rejected or
+unacknowledged batches, and transactions the broker has ended."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 
+import numpy as np
 import orjson
 import pytest
 import torch
@@ -164,3 +166,63 @@ def test_stop_deadline_during_unacknowledged_sends(kafka_bootstrap, tmp_path, mo
     assert unanswered
     # The deadline (3 s), then the clients' own stop, which the last step may overrun by a little.
     assert stop_s < 3.0 + 2.0
+
+
+@pytest.mark.parametrize("failing_call", ["send_offsets_to_transaction", "commit_transaction"])
+def test_transaction_ended_by_the_broker_rejoins(kafka_bootstrap, tmp_path, failing_call):
+    """A producer whose transaction the broker has ended (after a pause past ``transaction.timeout.ms``) fails
+    with aiokafka's IllegalOperation, and its abort with an AssertionError. Neither is a KafkaError. The member
+    drops its state, rejoins with a new producer, restores from the changelog and loses no event."""
+    from aiokafka.errors import IllegalOperation
+
+    from streamer.engine import Engine, EventBatch
+    from streamer.model import load_model
+
+    settings = service_settings(kafka_bootstrap, tmp_path, "te", 8, guarantee="exactly-once", changelog=True,
+                                checkpoint_interval_ms=100, group_instance_id="member-a")
+    first, second = events(0, 100), events(100, 100)
+
+    def committed(service: StreamerService) -> int:
+        return sum(offset or 0 for offset in service.checkpointer.committed_offsets.values())
+
+    async def scenario() -> list:
+        service, running = await start_service(kafka_bootstrap, settings)
+        await produce(kafka_bootstrap, settings.input_topics[0], first)
+        await wait_until(lambda: committed(service) == 100)
+        ended = service.producer
+
+        async def not_in_a_transaction(*args, **kwargs):
+            raise IllegalOperation("Not in the middle of a transaction")
+
+        async def fatal_abort():
+            raise AssertionError
+
+        setattr(ended, failing_call, not_in_a_transaction)
+        ended.abort_transaction = fatal_abort
+        await produce(kafka_bootstrap, settings.input_topics[0], second)
+        await wait_until(lambda: service.metrics.registry.get_sample_value("streamer_resets_total") == 1)
+        await wait_until(lambda: service.producer is not ended and committed(service) == 200)
+        assert not running.done()
+        service.request_stop()
+        await running
+        return await read_topic(kafka_bootstrap, settings.output_topic, 200, isolation_level="read_committed")
+
+    outputs = asyncio.run(scenario())
+    assert len(outputs) == 200
+    # Every event exactly once, with the step and prediction of one uninterrupted engine.
+    engine = Engine(load_model(settings.model))
+    everything = first + second
+    reference = engine.process(EventBatch.build([key.decode() for key, _ in everything],
+                                                [orjson.loads(value)["features"] for _, value in everything]))
+    expected = {}
+    for position, (key, _) in enumerate(everything):
+        expected.setdefault(key.decode(), []).append(
+            (int(reference.steps[position]), float(reference.predictions[position, 0])))
+    produced = {}
+    for record in sorted(outputs, key=lambda record: (record.partition, record.offset)):
+        document = orjson.loads(record.value)
+        produced.setdefault(document["entity"], []).append((document["step"], document["prediction"][0]))
+    assert produced.keys() == expected.keys()
+    for entity, steps in expected.items():
+        assert [step for step, _ in produced[entity]] == [step for step, _ in steps]
+        assert np.allclose([p for _, p in produced[entity]], [p for _, p in steps], atol=1e-5)
