@@ -226,3 +226,33 @@ def test_transaction_ended_by_the_broker_rejoins(kafka_bootstrap, tmp_path, fail
     for entity, steps in expected.items():
         assert [step for step, _ in produced[entity]] == [step for step, _ in steps]
         assert np.allclose([p for _, p in produced[entity]], [p for _, p in steps], atol=1e-5)
+
+
+def test_rebalances_counted_once_each(kafka_bootstrap, tmp_path):
+    """Each rebalance a member takes part in adds one to streamer_rebalances_total, the first assignment
+    included: a second member joining and then leaving makes three for the first member."""
+    settings = service_settings(kafka_bootstrap, tmp_path, "rc", 9)
+
+    def rebalances(service: StreamerService) -> float:
+        return service.metrics.registry.get_sample_value("streamer_rebalances_total")
+
+    async def scenario() -> tuple[list[float], float]:
+        first, first_running = await start_service(kafka_bootstrap, settings)
+        counts = [rebalances(first)]
+        second = StreamerService(settings.model_copy(update={"metrics_port": free_port()}))
+        second_running = asyncio.create_task(second.run())
+        await wait_until(lambda: second.consumer is not None and second.readiness()[0]
+                         and len(first.consumer.assignment()) == 1)
+        await wait_until(lambda: first.readiness()[0])
+        counts.append(rebalances(first))
+        second.request_stop()
+        await second_running
+        await wait_until(lambda: len(first.consumer.assignment()) == PARTITIONS and first.readiness()[0])
+        counts.append(rebalances(first))
+        first.request_stop()
+        await first_running
+        return counts, rebalances(second)
+
+    counts, second_count = asyncio.run(scenario())
+    assert counts == [1, 2, 3]
+    assert second_count == 1
