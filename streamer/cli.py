@@ -28,7 +28,7 @@ def env_help(text: str, name: str) -> str:
 
 
 def configure_logging(level: str = "INFO") -> None:
-    from streamer.log_filters import CoordinatorLookupFilter, RepeatFilter
+    from streamer.log_filters import GroupCoordinatorLevels, RepeatFilter
 
     logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -38,8 +38,8 @@ def configure_logging(level: str = "INFO") -> None:
         if not any(isinstance(existing, RepeatFilter) for existing in handler.filters):
             handler.addFilter(RepeatFilter("aiokafka", interval_s=10.0))
     coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
-    if not any(isinstance(existing, CoordinatorLookupFilter) for existing in coordinator.filters):
-        coordinator.addFilter(CoordinatorLookupFilter())
+    if not any(isinstance(existing, GroupCoordinatorLevels) for existing in coordinator.filters):
+        coordinator.addFilter(GroupCoordinatorLevels())
 
 
 @app.command()

@@ -40,15 +40,23 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-class CoordinatorLookupFilter(logging.Filter):
-    """Downgrade aiokafka's failed group-coordinator lookups from errors to warnings.
+class GroupCoordinatorLevels(logging.Filter):
+    """Lower the level of aiokafka's group coordinator messages about conditions it handles on its own.
 
-    A broker that has just started responds to them with GroupCoordinatorNotAvailable until its offsets topic is
-    ready, and aiokafka retries on its own, so the first join of a group on a new broker usually logs one.
+    - A failed coordinator lookup (GroupCoordinatorNotAvailable) becomes a warning instead of an error: a broker
+      that has just started returns it until its offsets topic is ready, and aiokafka retries, so the first join
+      of a group on a new broker usually logs one.
+    - A heartbeat refused because the group is rebalancing becomes info instead of a warning, and passes only
+      where the logger is enabled for info: every member logs it at every rebalance, and the service logs the
+      revocation and assignment that follow. The Java client logs the same condition at info.
+
     Meant for the ``aiokafka.consumer.group_coordinator`` logger itself.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno == logging.ERROR and "GroupCoordinatorNotAvailable" in record.getMessage():
             record.levelno, record.levelname = logging.WARNING, "WARNING"
+        elif record.levelno == logging.WARNING and record.getMessage().endswith("because it is rebalancing"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from streamer.log_filters import CoordinatorLookupFilter, RepeatFilter
+from streamer.log_filters import GroupCoordinatorLevels, RepeatFilter
 
 
 def record(name: str, message: str, *args) -> logging.LogRecord:
@@ -39,9 +39,25 @@ def test_other_messages_and_loggers_pass():
     assert not repeat.filter(record("aiokafka.conn", "node %d", 1))
 
 
+def test_rebalancing_heartbeat_becomes_info(caplog):
+    logger = logging.getLogger("aiokafka.consumer.group_coordinator.heartbeat-test")
+    logger.addFilter(GroupCoordinatorLevels())
+
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        logger.warning("Heartbeat failed for group %s because it is rebalancing", "streamer")
+        logger.warning("Heartbeat session expired - marking coordinator dead")
+    assert [(record.levelname, record.getMessage()[:16]) for record in caplog.records] == [
+        ("INFO", "Heartbeat failed"), ("WARNING", "Heartbeat sessio")]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Heartbeat failed for group %s because it is rebalancing", "streamer")
+    assert caplog.records == []
+
+
 def test_coordinator_lookup_becomes_warning(caplog):
     logger = logging.getLogger("aiokafka.consumer.group_coordinator.test")
-    logger.addFilter(CoordinatorLookupFilter())
+    logger.addFilter(GroupCoordinatorLevels())
 
     with caplog.at_level(logging.INFO, logger=logger.name):
         logger.error("Group Coordinator Request failed: %s", "[Error 15] GroupCoordinatorNotAvailableError")
