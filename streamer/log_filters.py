@@ -43,7 +43,7 @@ class RepeatFilter(logging.Filter):
 class GroupCoordinatorLevels(logging.Filter):
     """Lower the level of aiokafka's group coordinator messages about conditions it handles on its own.
 
-    - A failed coordinator lookup (GroupCoordinatorNotAvailable) becomes a warning instead of an error: a broker
+    - A failed coordinator lookup (GroupCoordinatorNotAvailable) becomes a warning instead of an error. A broker
       that has just started returns it until its offsets topic is ready, and aiokafka retries, so the first join
       of a group on a new broker usually logs one.
     - A heartbeat refused because the group is rebalancing becomes info instead of a warning, and passes only
