@@ -152,6 +152,10 @@ class EventDecoder:
                                     reason=errors.MISSING_ENTITY)
         if type(entity) is int:
             return str(entity)
+        if type(entity) is float:
+            # orjson decodes integers beyond 64 bits as floats, so the text of the record is not recoverable here.
+            raise InvalidEventError(f"Invalid entity {entity!r}: expected a non-empty string or an integer of at "
+                                    "most 64 bits; write larger ids as strings", reason=errors.INVALID_ENTITY)
         if type(entity) is not str or not entity:
             raise InvalidEventError(f"Invalid entity {str(entity)[:64]!r}: expected a non-empty string",
                                     reason=errors.INVALID_ENTITY)

@@ -114,6 +114,15 @@ def test_invalid_utf8_key_rejected(decoder):
     assert caught.value.reason == errors.INVALID_ENTITY
 
 
+def test_entity_ids_of_64_bits_kept_and_larger_ones_rejected(decoder):
+    batch, _ = decoder.decode([None], [b'{"entity": 18446744073709551615, "features": [1, 2, 3]}'], None, [0])
+    assert batch.entities == ["18446744073709551615"]
+    with pytest.raises(InvalidEventError) as caught:
+        decoder.decode_record(None, b'{"entity": 18446744073709551616, "features": [1, 2, 3]}', None)
+    assert caught.value.reason == errors.INVALID_ENTITY
+    assert "at most 64 bits" in str(caught.value)
+
+
 def test_valid_events_after_bad_ones_kept_in_order(decoder):
     values = [event(entity="a"), b"{oops", event(entity="b", features=[1, 2, float("nan")]), event(entity="c")]
     batch, dead = decoder.decode([None] * 4, values, None, [0, 1, 2, 3])
