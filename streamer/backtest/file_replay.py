@@ -136,7 +136,7 @@ def decode_chunk(decoder: EventDecoder, chunk: RecordChunk) -> tuple[EventBatch,
 
 
 def _total_events(path: Path, counted: bool) -> int | None:
-    """Count the records for the progress bar: lines of JSON Lines, rows of Parquet; None otherwise or no bar."""
+    """Count the records for the progress bar (lines of JSON Lines, rows of CSV or Parquet), or None without a bar."""
     suffix = path.suffix.lower()
     if not counted or not path.is_file():
         return None
@@ -147,9 +147,19 @@ def _total_events(path: Path, counted: bool) -> int | None:
             return pq.ParquetFile(path).metadata.num_rows
         except Exception:  # an unreadable file gets its own error from the reader; the bar just has no total
             return None
+    if suffix == ".csv":
+        return _count_csv_rows(path)
     if suffix not in (".jsonl", ".ndjson", ".json"):
         return None
     return _count_lines(path)
+
+
+def _count_csv_rows(path: Path) -> int:
+    """Count the rows after the header as the reader yields them: quoted cells may span lines, blank rows skip."""
+    import csv
+
+    with path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
+        return max(0, sum(1 for row in csv.reader(file) if row) - 1)
 
 
 def _count_lines(path: Path) -> int:

@@ -311,9 +311,9 @@ def test_progress_total_of_each_format(tmp_path):
 
     pq.write_table(pa.table({"entity": ["a", "b", "a"], "f0": [1.0, 2.0, 3.0]}), tmp_path / "in.parquet")
     (tmp_path / "in.json").write_text('{"entity": "a"}\n{"entity": "b"}\n')
-    (tmp_path / "in.csv").write_text("entity,f0\na,1\n")
+    (tmp_path / "in.csv").write_text('entity,f0\na,1\n\n"b\nc",2\n')
 
     assert _total_events(tmp_path / "in.parquet", True) == 3
     assert _total_events(tmp_path / "in.json", True) == 2
-    assert _total_events(tmp_path / "in.csv", True) is None
+    assert _total_events(tmp_path / "in.csv", True) == 2
     assert _total_events(tmp_path / "in.parquet", False) is None
