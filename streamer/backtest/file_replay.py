@@ -155,7 +155,7 @@ def _total_events(path: Path, counted: bool) -> int | None:
 
 
 def _count_csv_rows(path: Path) -> int:
-    """Count the rows after the header as the reader yields them: quoted cells may span lines, blank rows skip."""
+    """Count the rows after the header as the reader yields them: quoted cells may span lines, and blank rows are skipped."""
     import csv
 
     with path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
