@@ -220,6 +220,9 @@ def run(
     compression_type: Optional[str] = _flag(None, "compression_type", "Compression of produced record batches: "
                                             "none, gzip, snappy, lz4 or zstd (compression.type)."),
     request_timeout_ms: Optional[int] = _flag(None, "request_timeout_ms", "Timeout of each broker call, in ms."),
+    metadata_max_age_ms: Optional[int] = _flag(None, "metadata_max_age_ms", "Maximum age of the cluster metadata "
+                                               "before a refresh, in ms (metadata.max.age.ms). Partitions added to "
+                                               "an input topic are noticed at a refresh."),
     shutdown_timeout_s: Optional[float] = _flag(None, "shutdown_timeout_s", "Deadline for a clean stop, in s."),
     max_entities: Optional[int] = _flag(None, "max_entities", "State capacity; LRU entities are evicted."),
     idle_expiry_ms: Optional[int] = _flag(None, "idle_expiry_ms", "Expire entities idle this long in event time."),

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="compression of the record batches the member produces (compression.type)")
     request_timeout_ms: int = Field(10_000, ge=100, description="timeout of each broker call")
+    metadata_max_age_ms: int = Field(300_000, ge=100, description="maximum age of the cluster metadata before the "
+                                     "clients refresh it, in ms (metadata.max.age.ms)")
     shutdown_timeout_s: float = Field(30.0, gt=0, description="deadline for a clean stop after SIGTERM/SIGINT")
     guarantee: Literal["at-least-once", "exactly-once"] = Field("at-least-once", description="delivery guarantee")
     changelog: bool = Field(False, description="write state to the changelog topic and restore from it")

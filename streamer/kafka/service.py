@@ -276,7 +276,7 @@ class StreamerService:
             linger_ms=settings.linger_ms,
             compression_type=None if settings.compression_type == "none" else settings.compression_type,
             max_batch_size=1 << 20, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
-            request_timeout_ms=settings.request_timeout_ms,
+            request_timeout_ms=settings.request_timeout_ms, metadata_max_age_ms=settings.metadata_max_age_ms,
         )
         if self.exactly_once:
             producer_options["transactional_id"] = self._transactional_id
@@ -297,6 +297,7 @@ class StreamerService:
             auto_offset_reset=settings.auto_offset_reset, max_poll_records=settings.max_batch_events,
             fetch_max_wait_ms=settings.fetch_max_wait_ms, fetch_min_bytes=settings.fetch_min_bytes,
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
+            metadata_max_age_ms=settings.metadata_max_age_ms,
             max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, isolation_level="read_committed",
         )
         await retry("producer start", self.producer.start, timeout_s=settings.request_timeout_ms / 1000,
@@ -357,6 +358,24 @@ class StreamerService:
                                           settings.request_timeout_ms, security=self.security),
                 timeout_s=3 * settings.request_timeout_ms / 1000, max_attempts=5,
                 stopping=self._stop_requested.is_set, on_retry=self._count_retry)
+            if self.producer is not None:
+                await self._await_producer_metadata(self.changelog_topic, count)
+
+    async def _await_producer_metadata(self, topic: str, count: int) -> None:
+        """Refresh the producer's metadata until it lists ``count`` partitions of ``topic``.
+
+        aiokafka rejects a record batch for a partition missing from its metadata with an AssertionError, and
+        without a refresh its metadata would take up to ``metadata_max_age_ms`` to show partitions just added.
+        """
+        client = self.producer.client
+        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
+        while len(client.cluster.partitions_for_topic(topic) or ()) < count:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"The producer's metadata still shows fewer than {count} partitions of {topic} "
+                                  f"after {self.settings.request_timeout_ms} ms")
+            await asyncio.wait_for(client.force_metadata_update(), self.settings.request_timeout_ms / 1000)
+            if len(client.cluster.partitions_for_topic(topic) or ()) < count:
+                await asyncio.sleep(0.05)
 
     async def _create_topics(self, specs: list[TopicSpec]) -> dict[str, int]:
         settings = self.settings
@@ -553,6 +572,7 @@ class StreamerService:
         """
         self._joined = True
         self._rebalancing = False
+        self._count_input_partitions(assigned)
         kept_back, returned = await self._keep_parked(assigned) if self._parked else (set(), set())
         new = assigned - self._assignment - kept_back
         self._assignment |= assigned
@@ -570,6 +590,19 @@ class StreamerService:
         if resumed:
             self.consumer.resume(*resumed)
         await self._check_retained_offsets(new)
+
+    def _count_input_partitions(self, assigned: set[TopicPartition]) -> None:
+        """Update the partition counts of the input topics with partitions added since the start.
+
+        The counts decide how outputs are partitioned: by the input's partition number only while the input and
+        output topics have equal counts, and by key otherwise.
+        """
+        for topic, count in self._input_partitions.items():
+            known = self.consumer.partitions_for_topic(topic) or set()
+            grown = max([count, len(known)] + [tp.partition + 1 for tp in assigned if tp.topic == topic])
+            if grown > count:
+                logger.info("Input topic %s now has %d partitions (had %d)", topic, grown, count)
+                self._input_partitions[topic] = grown
 
     async def _check_retained_offsets(self, partitions: set[TopicPartition]) -> None:
         """Log and count partitions whose committed offset is below the log start, because records were deleted.
@@ -881,7 +914,9 @@ class StreamerService:
             raise RejoinRequired(f"producer fenced: {error!r}") from error
         except TRANSACTION_STATE_ERRORS as error:
             self.metrics.checkpoint_failures.inc()
-            raise RejoinRequired(f"transaction ended by the broker: {error!r}") from error
+            if self.exactly_once:
+                raise RejoinRequired(f"transaction ended by the broker: {error!r}") from error
+            raise RejoinRequired(f"the Kafka client rejected the checkpoint: {error!r}") from error
         except (KafkaError, asyncio.TimeoutError) as error:
             self.metrics.checkpoint_failures.inc()
             if self.exactly_once:

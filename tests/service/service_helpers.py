@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 
 
 def free_port() -> int:
@@ -135,5 +135,15 @@ async def create_topics(bootstrap: str, topics: dict[str, int]) -> None:
     try:
         await admin.create_topics([NewTopic(name, count, 1, topic_configs={"max.message.bytes": str(8 << 20)})
                                    for name, count in topics.items()])
+    finally:
+        await admin.close()
+
+
+async def add_partitions(bootstrap: str, topic: str, total: int) -> None:
+    """Give ``topic`` ``total`` partitions, as ``kafka-topics.sh --alter --partitions`` does."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_partitions({topic: NewPartitions(total_count=total)})
     finally:
         await admin.close()

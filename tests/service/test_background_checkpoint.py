@@ -1,5 +1,5 @@
-"""A member in one process with faults injected into its Kafka clients: pending commits, rejected or
-unacknowledged batches, and transactions the broker has ended."""
+"""A member in one process, with faults injected into its Kafka clients (pending commits, rejected or
+unacknowledged batches, transactions the broker has ended) and with changes to its group and topics."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from aiokafka import TopicPartition
 
 from streamer.config import Settings
 from streamer.kafka.service import StreamerService
 from streamer.model import SeedNet
-from tests.service.service_helpers import committed_offsets, create_topics, free_port, produce, read_topic
+from streamer.state.changelog import changelog_topic
+from tests.service.service_helpers import (add_partitions, committed_offsets, create_topics, free_port, produce,
+                                          read_topic)
 
 pytestmark = pytest.mark.kafka
 
@@ -256,3 +259,37 @@ def test_rebalances_counted_once_each(kafka_bootstrap, tmp_path):
     counts, second_count = asyncio.run(scenario())
     assert counts == [1, 2, 3]
     assert second_count == 1
+
+
+def test_partition_added_to_the_input_while_running(kafka_bootstrap, tmp_path):
+    """A running member given an added input partition extends the changelog and writes the partition's states
+    there, although its producer's metadata predates the new changelog partition."""
+    settings = service_settings(kafka_bootstrap, tmp_path, "ap", 10, changelog=True, checkpoint_interval_ms=100)
+    topic = settings.input_topics[0]
+
+    async def scenario() -> dict[int, int | None]:
+        service, running = await start_service(kafka_bootstrap, settings)
+        await produce(kafka_bootstrap, topic, events(0, 100))
+        # Checkpointed, so the producer has the changelog's metadata from before the partition is added.
+        await wait_until(lambda: sum(offset or 0 for offset in service.checkpointer.committed_offsets.values()) == 100)
+        await add_partitions(kafka_bootstrap, topic, PARTITIONS + 1)
+        # The consumer would see the partition at its next metadata refresh (metadata_max_age_ms, 5 minutes
+        # by default); the test brings that refresh forward. The producer keeps its older metadata.
+        await service.consumer._client.force_metadata_update()
+        await wait_until(lambda: len(service.consumer.assignment()) == PARTITIONS + 1 and service.readiness()[0])
+        await produce(kafka_bootstrap, topic, events(100, 50), partition=PARTITIONS)
+        await wait_until(lambda: service.checkpointer.committed_offsets.get(TopicPartition(topic, PARTITIONS)) == 50)
+        assert not running.done()
+        # aiokafka rejects a batch for a partition its metadata lacks with an AssertionError, which would make
+        # the member drop its state and rejoin.
+        assert service.metrics.registry.get_sample_value("streamer_resets_total") == 0
+        service.request_stop()
+        await running
+        return await committed_offsets(kafka_bootstrap, settings.group_id, topic, PARTITIONS + 1)
+
+    committed = asyncio.run(scenario())
+    assert sum(offset or 0 for offset in committed.values()) == 150
+    assert committed[PARTITIONS] == 50
+    changelog = asyncio.run(read_topic(kafka_bootstrap, changelog_topic(settings.group_id), 10, timeout_s=10))
+    assert {record.key for record in changelog if record.partition == PARTITIONS} == {
+        key for key, _ in events(100, 50)}

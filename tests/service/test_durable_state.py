@@ -13,14 +13,14 @@ import orjson
 import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, RecordsToDelete
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.structs import OffsetAndMetadata
 
 from streamer.backtest.topic_replay import describe_partitions
 from streamer.engine import Engine, EventBatch
 from streamer.model import SeedNet, load_model
 from streamer.state.changelog import StateCodec, changelog_topic
-from tests.service.service_helpers import ServiceProcess, create_topics, produce, read_topic
+from tests.service.service_helpers import ServiceProcess, add_partitions, create_topics, produce, read_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -384,16 +384,7 @@ def test_partitions_added_to_the_input_extend_the_changelog(kafka_bootstrap, mod
     settings = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS,
                     changelog="true", **topics)
     run_until_outputs(tmp_path, settings, 80)
-
-    async def add_partition() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-        await admin.start()
-        try:
-            await admin.create_partitions({topics["input_topics"]: NewPartitions(total_count=PARTITIONS + 1)})
-        finally:
-            await admin.close()
-
-    asyncio.run(add_partition())
+    asyncio.run(add_partitions(kafka_bootstrap, topics["input_topics"], PARTITIONS + 1))
     # The next events go to the added partition, whose offsets start at 0.
     asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[80:], partition=PARTITIONS))
     second = ServiceProcess(tmp_path, **settings)
@@ -411,6 +402,32 @@ def test_partitions_added_to_the_input_extend_the_changelog(kafka_bootstrap, mod
     # Each entity had two events before, restored from the changelog: its events in the new partition go on.
     assert sorted(output["step"] for output in later) == [3] * ENTITIES
     assert restored == ENTITIES
+
+
+def test_running_member_takes_partitions_added_to_the_input(kafka_bootstrap, model_path, tmp_path):
+    """A member notices an added input partition at its next metadata refresh, without a restart."""
+    topics = names("added")
+    asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
+    events = make_events(120)
+    asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:80]))
+    service = ServiceProcess(tmp_path, model=model_path, bootstrap_servers=kafka_bootstrap,
+                             topic_partitions=PARTITIONS, changelog="true", metadata_max_age_ms=1000, **topics)
+    try:
+        service.wait_ready()
+        wait_for_outputs(service, 80)
+        asyncio.run(add_partitions(kafka_bootstrap, topics["input_topics"], PARTITIONS + 1))
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[80:], partition=PARTITIONS))
+        wait_for_outputs(service, 120, timeout_s=30)
+        assert service.metric("streamer_assigned_partitions") == PARTITIONS + 1
+    finally:
+        assert service.stop() == 0, service.log()
+    outputs = [orjson.loads(r.value) for r in asyncio.run(read_topic(kafka_bootstrap, topics["output_topic"], 120))]
+    later = [output for output in outputs if output["source"]["partition"] == PARTITIONS]
+    assert len(later) == 40
+    # The entities are in memory from their two earlier events, so their events in the new partition go on.
+    assert sorted(output["step"] for output in later) == [3] * ENTITIES
+    changelog = asyncio.run(describe_partitions(kafka_bootstrap, [changelog_topic(topics["group_id"])], 10_000))
+    assert len(changelog[changelog_topic(topics["group_id"])]) == PARTITIONS + 1
 
 
 def test_rebalance_keeps_state_of_partitions_assigned_back(kafka_bootstrap, model_path, tmp_path):
