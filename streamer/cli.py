@@ -92,7 +92,7 @@ def backtest(
 
     configure_logging()
     if seq_len is not None and semantics == "stateful" and not compare_window:
-        logging.getLogger(__name__).warning("--seq-len %d has no effect: stateful semantics uses no window; pass "
+        logging.getLogger(__name__).warning("--seq-len %d has no effect on predictions: stateful semantics uses no window; pass "
                                             "--semantics window or --compare-window to use it", seq_len)
     if compare_window and semantics != "stateful":
         raise ConfigError("--compare-window compares stateful outputs with window ones: use it with --semantics "

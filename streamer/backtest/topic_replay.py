@@ -556,21 +556,27 @@ async def load_initial_state(engine: Engine, model: RecurrentModel, spec: TopicR
         raise ConfigError(f"Changelog topic {topic} has {len(changelog_partitions[topic])} partitions, but "
                           f"{spec.topics[0]} has {input_partitions[spec.topics[0]]}: it belongs to another input")
     codec = StateCodec(engine.arena.row_shapes, semantics)
+    state_fingerprint = model.state_fingerprint(semantics)
     for partition in range(input_partitions[spec.topics[0]]):
         start_offset = None
         if directory is not None:
             snapshot = read_snapshot(directory, topic, partition)
-            if snapshot is not None and snapshot.fingerprint == model.fingerprint:
+            if snapshot is not None and snapshot.fingerprint == state_fingerprint:
                 engine.arena.load(snapshot.entities, partition, snapshot.steps, snapshot.last_offsets,
                                   snapshot.last_ts_ms, codec.split_rows(snapshot.rows))
                 start_offset = snapshot.next_offset
         result = await restore_partition(bootstrap_servers=spec.bootstrap_servers, security=spec.security,
                                          topic=topic, partition=partition,
-                                         codec=codec, arena=engine.arena, fingerprint=model.fingerprint,
+                                         codec=codec, arena=engine.arena, fingerprint=state_fingerprint,
                                          mismatch_policy="reset", request_timeout_ms=spec.request_timeout_ms,
                                          start_offset=start_offset)
         logger.info("Initial state of partition %d from %s: %d entities, %d records", partition, topic,
                     result.entities, result.records)
+        mismatched = result.anomalies.get("model_mismatch", 0)
+        if mismatched:
+            logger.warning("Discarded the initial state of %d entities of partition %d in %s: made by another model "
+                           "(other weights or manifest, another semantics, or in window semantics another window "
+                           "length); they start from zero state", mismatched, partition, topic)
 
 
 async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None,

@@ -155,8 +155,8 @@ def _apply(latest: dict[bytes, bytes | None], partition: int, result: RestoreRes
         if mismatch_policy == "fail":
             raise StateError(
                 f"Changelog partition {partition} contains state of another model for {len(mismatched)} entities "
-                f"(first: {mismatched[0]}): other weights, semantics or window length; start with "
-                "--model-mismatch reset to discard it")
+                f"(first: {mismatched[0]}): other weights or manifest, another semantics, or in window "
+                "semantics another window length; start with --model-mismatch reset to discard it")
         result.count("model_mismatch", len(mismatched))
         arena.remove_entities(mismatched, "model_mismatch")
     keep = np.flatnonzero(matches)

@@ -115,6 +115,7 @@ class StreamerService:
         self.changelog_topic = changelog_topic(settings.group_id) if settings.changelog else None
         self.engine = self._new_engine()
         self.codec = StateCodec(self.engine.arena.row_shapes, settings.semantics) if settings.changelog else None
+        self.state_fingerprint = self.model.state_fingerprint(settings.semantics)  # carried by state records
         self.metrics_server: MetricsServer | None = None
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -306,7 +307,7 @@ class StreamerService:
                     stopping=self._stop_requested.is_set, on_retry=self._count_retry)
         self.checkpointer = Checkpointer(
             producer=self.producer, consumer=self.consumer, arena=self.engine.arena, codec=self.codec,
-            fingerprint=self.model.fingerprint, changelog_topic=self.changelog_topic, group_id=settings.group_id,
+            fingerprint=self.state_fingerprint, changelog_topic=self.changelog_topic, group_id=settings.group_id,
             exactly_once=self.exactly_once, metrics=self.metrics, interval_ms=settings.checkpoint_interval_ms,
             max_events=settings.checkpoint_events, timeout_s=2 * settings.request_timeout_ms / 1000)
         self.consumer.subscribe(settings.input_topics, listener=_RebalanceListener(self))
@@ -670,7 +671,7 @@ class StreamerService:
             result = await restore_partition(
                 bootstrap_servers=settings.bootstrap_servers, security=self.security, topic=self.changelog_topic,
                 partition=tp.partition,
-                codec=self.codec, arena=self.engine.arena, fingerprint=self.model.fingerprint,
+                codec=self.codec, arena=self.engine.arena, fingerprint=self.state_fingerprint,
                 mismatch_policy=settings.model_mismatch, request_timeout_ms=settings.request_timeout_ms,
                 start_offset=start_offset)
         except asyncio.CancelledError:
@@ -702,8 +703,8 @@ class StreamerService:
         mismatched = result.anomalies.get("model_mismatch", 0)
         if mismatched:
             logger.warning("Discarded the state of %d entities of %s made by another model (--model-mismatch "
-                           "reset), that is, other weights, semantics or window length; they start from zero "
-                           "state", mismatched, _format_partition(tp))
+                           "reset), that is, other weights or manifest, another semantics, or in window semantics "
+                           "another window length; they start from zero state", mismatched, _format_partition(tp))
         self.metrics.restored_records.inc(result.records)
         self.metrics.restore_duration_seconds.observe(result.duration_s)
         self.metrics.state_entities.set(len(self.engine.arena))
@@ -722,7 +723,7 @@ class StreamerService:
         snapshot = await asyncio.to_thread(read_snapshot, self.settings.snapshot_dir, self.changelog_topic, partition)
         if snapshot is None:
             return None
-        usable = (snapshot.fingerprint == self.model.fingerprint and snapshot.semantics == self.settings.semantics
+        usable = (snapshot.fingerprint == self.state_fingerprint and snapshot.semantics == self.settings.semantics
                   and snapshot.rows.shape[1:] == (self.codec.floats,))
         if not usable:
             logger.info("Ignoring the snapshot of %s[%d]: made by another model or semantics",
@@ -757,7 +758,7 @@ class StreamerService:
         for tp in tps:
             slots = arena.occupied_slots(tp.partition)
             snapshot = Snapshot(topic=self.changelog_topic, partition=tp.partition, next_offset=ends[tp],
-                                fingerprint=self.model.fingerprint, semantics=settings.semantics,
+                                fingerprint=self.state_fingerprint, semantics=settings.semantics,
                                 created_s=time.time(), entities=[arena.entity_of(slot) for slot in slots.tolist()],
                                 steps=arena.steps[slots], last_offsets=arena.last_offset[slots],
                                 last_ts_ms=arena.last_event_ms[slots], rows=arena.export_rows(slots))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -41,6 +42,8 @@ class RecurrentModel:
     def __init__(self, manifest: ModelManifest, weights: dict[str, torch.Tensor], device: str = "cpu") -> None:
         self.manifest = manifest
         self.fingerprint = fingerprint(manifest, weights)
+        # A window length changes the state of window semantics only, so stateful state ignores it.
+        self._stateful_fingerprint = fingerprint(dataclasses.replace(manifest, seq_len=None), weights)
         self.device = resolve_device(device)
         self.state_names: tuple[str, ...] = ("h", "c") if manifest.cell == "lstm" else ("h",)
         has_bias = "rnn.bias_ih_l0" in weights
@@ -170,6 +173,14 @@ class RecurrentModel:
         output, _ = self.rnn(self.scale_inputs(windows))
         rows = torch.arange(windows.shape[0], device=windows.device)
         return self.unscale_outputs(self.head(output[rows, lengths - 1]))
+
+    def state_fingerprint(self, semantics: str) -> str:
+        """Return the fingerprint that state records of ``semantics`` carry, to be restored only by this model.
+
+        It is ``fingerprint`` in window semantics. In stateful semantics it leaves out ``seq_len``, which does
+        not change a stateful entity's state, so a ``--seq-len`` given or dropped keeps the state usable.
+        """
+        return self.fingerprint if semantics == "window" else self._stateful_fingerprint
 
     def zero_state(self, n: int) -> tuple[torch.Tensor, ...]:
         return tuple(torch.zeros(n, *self.state_shape, device=self.device) for _ in self.state_names)

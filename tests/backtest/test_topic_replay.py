@@ -350,7 +350,8 @@ def test_cli_rejects_output_topic_equal_to_input(kafka_bootstrap, events_topic, 
     assert "also an input topic" in completed.stderr
 
 
-def test_replay_continues_from_live_changelog_state(kafka_bootstrap, model_path, tmp_path):
+def test_replay_continues_from_live_changelog_state(kafka_bootstrap, model_path, seed_net_factory, tmp_path,
+                                                    caplog):
     """A replay that starts from a live group's changelog state gives the outputs live processing gives."""
     topic, group = unique("continue-in"), unique("continue-group")
     asyncio.run(create_topics(kafka_bootstrap, {topic: 3}))
@@ -369,10 +370,18 @@ def test_replay_continues_from_live_changelog_state(kafka_bootstrap, model_path,
     start = ",".join(f"{partition}:{offset}" for partition, offset in sorted(end_of_first.items()))
     spec = TopicReplaySpec(kafka_bootstrap, (topic,), parse_range_bound(start, "--from"),
                            parse_range_bound("latest", "--to"))
-    # The same model file as the live group, loaded the same way, so the state fingerprints match.
-    replayed = run_topic_backtest(load_model(model_path), spec, output_path=tmp_path / "continued.jsonl",
+    # The live group's model file, with a window length the group ran without: stateful state ignores it.
+    replayed = run_topic_backtest(load_model(model_path, seq_len=7), spec, output_path=tmp_path / "continued.jsonl",
                                   progress=False, initial_state=f"changelog:{group}")
     assert replayed.outputs == 300
+    # Another model's replay starts from zero state and says so.
+    other_model = load_model(seed_net_factory(input_dim=4, hidden_dim=16, layers=2, seed=5)[1])
+    with caplog.at_level("WARNING", logger="streamer.backtest.topic_replay"):
+        run_topic_backtest(other_model, spec, output_path=tmp_path / "other.jsonl", progress=False,
+                           initial_state=f"changelog:{group}")
+    assert any("made by another model" in record.getMessage() for record in caplog.records)
+    assert {output["step"] for output in read_outputs(tmp_path / "other.jsonl") if output["entity"] == "e0"} \
+        == set(range(1, 13))
 
     second = ServiceProcess(tmp_path, **settings)
     try:

@@ -1,6 +1,8 @@
-"""One-timestep LSTM stepping against torch.nn.LSTM started from the same state."""
+"""The served model: one-timestep LSTM stepping against torch.nn.LSTM, and state fingerprints."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -34,3 +36,19 @@ def test_lstm_step_matches_nn_lstm(input_size, hidden, layers, bias):
     assert torch.allclose(new_h, expected_h.transpose(0, 1), atol=1e-6)
     assert torch.allclose(new_c, expected_c.transpose(0, 1), atol=1e-6)
     assert torch.allclose(y, expected_y, atol=1e-6)
+
+
+def test_state_fingerprint_ignores_window_length_in_stateful_semantics():
+    torch.manual_seed(0)
+    lstm, head = nn.LSTM(3, 8, 2, batch_first=True), nn.Linear(8, 1)
+    state_dict = {**{f"lstm.{k}": v for k, v in lstm.state_dict().items()},
+                  **{f"fc.{k}": v for k, v in head.state_dict().items()}}
+    manifest, weights = parse_state_dict(state_dict)
+    plain = RecurrentModel(manifest, weights)
+    windowed = RecurrentModel(dataclasses.replace(manifest, seq_len=20), weights)
+    other_window = RecurrentModel(dataclasses.replace(manifest, seq_len=30), weights)
+
+    assert plain.fingerprint != windowed.fingerprint
+    assert plain.state_fingerprint("stateful") == windowed.state_fingerprint("stateful") == plain.fingerprint
+    assert windowed.state_fingerprint("window") == windowed.fingerprint
+    assert windowed.state_fingerprint("window") != other_window.state_fingerprint("window")
