@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 
 _DPI = 100
@@ -29,8 +31,22 @@ def _save(figure: Figure, path: Path) -> Path:
     return path
 
 
-def _datetimes(ts: np.ndarray | pd.Series) -> pd.DatetimeIndex:
-    return pd.to_datetime(np.asarray(ts, dtype="int64"), unit="ms", utc=True)
+# Epoch milliseconds of about 1678 to 2261, the range of pandas' nanosecond timestamps. Events may carry any
+# time below 2**62 ms, and an axis with times outside this range shows epoch milliseconds instead of dates.
+MAX_DATE_MS = 9_200_000_000_000
+
+
+def _time_axis(axes: Axes, ts: np.ndarray | pd.Series, label: str) -> pd.DatetimeIndex | np.ndarray:
+    """Return the x positions of ``ts`` (epoch ms) and label the axis: dates, or epoch ms out of their range."""
+    values = np.asarray(ts, dtype="int64")
+    if values.size and np.abs(values).max() >= MAX_DATE_MS:
+        axes.set_xlabel(f"{label} (epoch ms)")
+        return values
+    locator = AutoDateLocator()
+    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+    axes.set_xlabel(f"{label} (UTC)")
+    return pd.to_datetime(values, unit="ms", utc=True)
 
 
 def plot_entity(
@@ -45,13 +61,16 @@ def plot_entity(
         raise ValueError("Missing x axis for plot_entity: pass ts or steps")
     figure = _new_figure()
     axes = figure.add_subplot()
-    positions = _datetimes(ts) if ts is not None else np.asarray(steps)
+    if ts is not None:
+        positions = _time_axis(axes, ts, "time")
+    else:
+        positions = np.asarray(steps)
+        axes.set_xlabel("step")
     axes.plot(positions, predictions, label="prediction", color="tab:blue", linewidth=1.5)
     has_target = np.isfinite(targets)
     axes.plot(positions[has_target], targets[has_target], label="target", color="tab:orange", linewidth=1.5,
               linestyle="--")
     axes.set_title(f"{entity} ({label})")
-    axes.set_xlabel("time (UTC)" if ts is not None else "step")
     axes.set_ylabel("value")
     axes.legend(loc="best")
     axes.grid(alpha=0.3)
@@ -79,10 +98,11 @@ def plot_mae_over_time(path: Path, over_time: pd.DataFrame) -> Path:
     figure = _new_figure()
     axes = figure.add_subplot()
     if not over_time.empty:
-        axes.plot(_datetimes(over_time["start_ts"]), over_time["mae"], marker="o", markersize=3,
-                  color="tab:red")
+        axes.plot(_time_axis(axes, over_time["start_ts"], "bucket start"), over_time["mae"], marker="o",
+                  markersize=3, color="tab:red")
+    else:
+        axes.set_xlabel("bucket start")
     axes.set_title("MAE over time")
-    axes.set_xlabel("bucket start (UTC)")
     axes.set_ylabel("MAE")
     axes.grid(alpha=0.3)
     return _save(figure, path)

@@ -22,6 +22,7 @@ import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ from streamer.backtest.metrics import (
     worst_entities,
 )
 from streamer.state.arena import NO_TIME
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 logger = logging.getLogger(__name__)
 
@@ -386,9 +389,13 @@ def _key_values(pairs: list[tuple[str, object]]) -> str:
 
 
 def _iso(ts: int | None) -> str | None:
+    """Format epoch milliseconds as ISO-8601 in UTC, or as epoch milliseconds outside the years 1 to 9999."""
     if ts is None:
         return None
-    return pd.Timestamp(ts, unit="ms", tz="UTC").isoformat()
+    try:
+        return (EPOCH + timedelta(milliseconds=ts)).isoformat()
+    except OverflowError:
+        return f"{ts} (epoch ms)"
 
 
 def _overview_section(summary: dict) -> str:

@@ -176,6 +176,26 @@ def test_report_files_written(tmp_path):
     assert len(per_entity) == 8
 
 
+@pytest.mark.parametrize("ts", [253_402_300_799_000, -62_135_596_800_000, 10**16, 2**62 - 1])
+def test_report_with_times_beyond_dates(tmp_path, ts):
+    """Events may carry any time below 2**62 ms, 9999-12-31 and 0001-01-01 included: the report plots and
+    prints what pandas' timestamps cannot hold as epoch milliseconds."""
+    records = [_record("A", ts - 2000 * step, step, [float(step)], 1.0) for step in range(3)]
+    records += [_record("B", ts - 1000, 1, [0.5], 1.0), _record("B", 0, 2, [0.5], 1.0)]
+
+    paths = write_report(records, tmp_path / "report", title="Far times")
+
+    summary = json.loads(paths.summary.read_text())
+    assert summary["first_ts"] == min(record["ts"] for record in records)
+    assert summary["last_ts"] == max(record["ts"] for record in records)
+    assert {"mae_over_time", "entity_worst_1"} <= set(paths.plots)
+    text = paths.html.read_text()
+    if ts == 253_402_300_799_000:
+        assert "9999-12-31T23:59:59+00:00" in text
+    if ts == 2**62 - 1:
+        assert f"{ts} (epoch ms)" in text
+
+
 def test_report_html_self_contained(tmp_path):
     records = _fertility_like_records()
     window = [dict(record, prediction=[record["prediction"][0] + 0.01 * record["step"]]) for record in records]
