@@ -1,6 +1,7 @@
 """The state arena: per-entity recurrent state rows in preallocated pages, and the entity -> slot index.
 
-Rows live in fixed-size pages of ``page_slots`` slots. Growing adds a page and never copies existing rows,
+Rows live in fixed-size pages of ``page_slots`` slots (fewer where the rows of so many slots would exceed
+``MAX_PAGE_BYTES``). Growing adds a page and never copies existing rows,
 so a growing arena does not pause processing in proportion to its size. Per-slot metadata lives in numpy
 arrays that grow by doubling (a few bytes per slot).
 """
@@ -8,6 +9,7 @@ arrays that grow by doubling (a few bytes per slot).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -21,6 +23,7 @@ logger = logging.getLogger(__name__)
 NO_TIME = np.iinfo(np.int64).min  # last event time of an entity that has seen no timestamped event
 NO_OFFSET = -1  # last applied offset of an entity that has applied no event
 NO_STREAM = -1  # input stream of an entity that has applied no event
+MAX_PAGE_BYTES = 64 << 20  # state rows of one page at most, in bytes
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,16 @@ class StateArena:
 
     def __init__(self, row_shapes: dict[str, tuple[int, ...]], *, page_slots: int = 16384,
                  capacity: int | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, max_page_bytes: int = MAX_PAGE_BYTES) -> None:
         if page_slots < 1:
             raise StateError(f"Invalid page_slots={page_slots}: expected a positive integer")
         if capacity is not None and capacity < 1:
             raise StateError(f"Invalid capacity={capacity}: expected a positive integer or None")
         self.row_shapes = dict(row_shapes)
-        self.page_slots = page_slots
+        row_bytes = sum(math.prod(shape) for shape in self.row_shapes.values()) * dtype.itemsize
+        # Large rows (long windows) get fewer slots per page, so that the first entity does not allocate
+        # gigabytes for 16,384 rows.
+        self.page_slots = max(1, min(page_slots, max_page_bytes // max(1, row_bytes)))
         self.capacity = capacity
         self.device = torch.device(device)
         self.dtype = dtype

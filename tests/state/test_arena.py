@@ -229,3 +229,13 @@ def test_loading_no_entities_into_an_empty_arena():
                                                      "c": np.zeros((0, 2, 3), np.float32)})
     assert slots.size == 0
     assert len(arena) == 0
+
+
+def test_pages_of_long_rows_hold_fewer_slots():
+    """A window of 100,000 timesteps of 3 inputs takes 1.2 MB per slot: a page holds 55 slots, not 16,384."""
+    arena = StateArena({"window": (100_000, 3)}, page_slots=16384)
+    arena.assign(["a", "b"])
+
+    assert arena.page_slots == (64 << 20) // (100_000 * 3 * 4)
+    assert arena.nbytes() <= 64 << 20
+    assert StateArena({"h": (2, 64), "c": (2, 64)}, page_slots=16384).page_slots == 16384
