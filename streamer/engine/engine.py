@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 Semantics = Literal["stateful", "window"]
 SEMANTICS = ("stateful", "window")
+# Window semantics runs a wave's windows in chunks whose inputs, gates and outputs take about this many bytes.
+WINDOW_CHUNK_BYTES = 256 << 20
 
 
 class Engine:
@@ -122,6 +124,17 @@ class Engine:
         return y
 
     def _step_window(self, slots: np.ndarray, features: np.ndarray, resets: np.ndarray) -> torch.Tensor:
+        manifest = self.model.manifest
+        row_bytes = 4 * manifest.seq_len * (2 * manifest.input_size + 5 * manifest.hidden_size)
+        chunk = max(1, WINDOW_CHUNK_BYTES // row_bytes)
+        if slots.size > chunk:
+            # The slots of one wave are distinct, so its rows are independent and any split gives the same outputs.
+            return torch.cat([self._step_window_rows(slots[start:start + chunk], features[start:start + chunk],
+                                                     resets[start:start + chunk])
+                              for start in range(0, slots.size, chunk)])
+        return self._step_window_rows(slots, features, resets)
+
+    def _step_window_rows(self, slots: np.ndarray, features: np.ndarray, resets: np.ndarray) -> torch.Tensor:
         seq_len = self.model.manifest.seq_len
         ring = self.arena.gather("window", slots)
         count = np.where(resets, 0, self.arena.steps[slots])  # events in the window before this one
@@ -131,7 +144,9 @@ class Engine:
         self.arena.scatter("window", slots, ring)
         lengths = np.minimum(count + 1, seq_len)
         start = np.where(count + 1 <= seq_len, 0, (count + 1) % seq_len)
-        order = (start[:, None] + np.arange(seq_len)[None, :]) % seq_len
+        # A window not yet full starts at position 0, so the rows need only the longest window's timesteps.
+        width = int(lengths.max())
+        order = (start[:, None] + np.arange(width)[None, :]) % seq_len
         device = ring.device
         windows = ring[torch.from_numpy(rows).to(device)[:, None], torch.from_numpy(order).to(device)]
         return self.model.forward_windows(windows, torch.from_numpy(lengths).to(device))

@@ -81,6 +81,21 @@ def test_window_equals_seed_forward(seed_net_factory, cell, input_size, hidden, 
     assert np.abs(predictions - expected).max() < TOLERANCE
 
 
+def test_window_in_chunks_equals_seed_forward(seed_net_factory, monkeypatch):
+    """A wave too large for one chunk of window memory runs in chunks of rows, with the same outputs."""
+    from streamer.engine import engine as engine_module
+
+    net, path = seed_net_factory("lstm", 3, 8, 2, 1, seed=4)
+    rng = np.random.default_rng(4)
+    entities, features, resets = make_stream(rng, 300, 40, 3, reset_rate=0.02)
+    model = load_model(path, seq_len=6)
+    # 4 rows per chunk: 4 * 6 * (2 * 3 + 5 * 8) * 4 bytes.
+    monkeypatch.setattr(engine_module, "WINDOW_CHUNK_BYTES", 4 * 6 * 46 * 4)
+    predictions, _ = run_engine(model, "window", entities, features, resets, [64, 7])
+    expected = reference(net, entities, features, resets, window=6)
+    assert np.abs(predictions - expected).max() < TOLERANCE
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_reset_restarts_from_zero_state(seed_net_factory, cell):
     net, path = seed_net_factory(cell)
