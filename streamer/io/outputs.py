@@ -19,6 +19,8 @@ HEADER_ERROR = "streamer.error"
 HEADER_SOURCE_TOPIC = "streamer.source.topic"
 HEADER_SOURCE_PARTITION = "streamer.source.partition"
 HEADER_SOURCE_OFFSET = "streamer.source.offset"
+# The byte length of an original value left out because the dead letter would exceed the topic's limit.
+HEADER_VALUE_OMITTED = "streamer.value.omitted"
 
 # A function from batch positions to the ``source`` objects of the events at those positions.
 SourceFn = Callable[[list[int]], list[dict[str, Any]]]

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import InvalidPartitionsError, TopicAlreadyExistsError, for_code
 
 from streamer.errors import BrokerError, ConfigError
@@ -102,6 +103,31 @@ async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, requ
         return counts[topic]
     finally:
         await admin.close()
+
+
+async def max_message_bytes(bootstrap_servers: str, topics: list[str], request_timeout_ms: int, *,
+                            security: KafkaSecurity = PLAINTEXT) -> dict[str, int]:
+    """Return each topic's ``max.message.bytes``: the largest record batch its partitions accept."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                                request_timeout_ms=request_timeout_ms)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None}) for topic in topics])
+    finally:
+        await admin.close()
+    limits = {}
+    for response in responses:
+        for code, message, _, name, entries in response.resources:
+            if code:
+                detail = f" ({message})" if message else ""
+                raise BrokerError(f"Cannot read the configuration of topic {name!r}: the broker rejected the "
+                                  f"request with {for_code(code).__name__}{detail}")
+            limits.update({name: int(entry[1]) for entry in entries if entry[0] == "max.message.bytes"})
+    missing = sorted(set(topics) - set(limits))
+    if missing:
+        raise BrokerError(f"The broker returned no max.message.bytes for topics {missing}")
+    return limits
 
 
 async def list_topics(bootstrap_servers: str, request_timeout_ms: int, *,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidSessionTimeoutError,
-                             KafkaError, ProducerFenced)
+                             KafkaError, MessageSizeTooLargeError, ProducerFenced, RecordListTooLargeError)
 
 from streamer import __version__
 from streamer.backtest.file_replay import event_format_for
@@ -24,11 +24,12 @@ from streamer.engine import Engine, EventBatch, StepResult
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import BrokerError, ConfigError, StateError
 from streamer.io.events import DeadLetter, EventDecoder
-from streamer.io.outputs import dead_letter_headers, encode_outputs, topic_source
-from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_partitions, ensure_topics
+from streamer.io.outputs import HEADER_VALUE_OMITTED, dead_letter_headers, encode_outputs, topic_source
+from streamer.kafka.admin import (TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_partitions, ensure_topics,
+                                  max_message_bytes)
 from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
 from streamer.kafka.fetched import FetchedBatch, stream_numbers
-from streamer.kafka.producer import KeyPartitioner, OutgoingRecords, send_records
+from streamer.kafka.producer import KeyPartitioner, OutgoingRecords, estimate_record_bytes, send_records
 from streamer.kafka.restore import restore_partition
 from streamer.kafka.retry import retry
 from streamer.kafka.security import KafkaSecurity
@@ -133,6 +134,8 @@ class StreamerService:
         self._stop_deadline: float | None = None
         self._last_poll = time.monotonic()
         self._input_partitions: dict[str, int] = {}
+        # max.message.bytes of the output and dead-letter topics, read at start: record batches stay below it.
+        self._max_message_bytes: dict[str, int] = {}
         self._changelog_partitions = 0
         self._changelog_partitions_lock = asyncio.Lock()
         self._output_partitioner: KeyPartitioner | None = None
@@ -329,6 +332,12 @@ class StreamerService:
                                "only to topics the service creates", topic, count, settings.topic_partitions)
         self._output_partitioner = KeyPartitioner(counts[settings.output_topic])
         self._dead_letter_partitioner = KeyPartitioner(counts[settings.dead_letter_topic])
+        self._max_message_bytes = await retry(
+            "read topic configs",
+            lambda: max_message_bytes(settings.bootstrap_servers, [settings.output_topic, settings.dead_letter_topic],
+                                      settings.request_timeout_ms, security=self.security),
+            timeout_s=3 * settings.request_timeout_ms / 1000, stopping=self._stop_requested.is_set,
+            on_retry=self._count_retry)
         if self.changelog_topic is not None:
             # Same partition count as the input: an entity's state record goes to its events' partition number.
             input_partitions = counts[settings.input_topics[0]]
@@ -988,19 +997,37 @@ class StreamerService:
                 target_partition = self._dead_letter_partitioner(letter.key)
             else:
                 target_partition = partition % self._dead_letter_partitioner.partitions
-            records.append((target_partition, letter.key, letter.value or b""))
             original = [] if fetched.headers is None else list(fetched.headers[letter.index])
-            headers.append(original + dead_letter_headers(letter, topic, partition, offset))
+            record_headers = original + dead_letter_headers(letter, topic, partition, offset)
+            value = letter.value or b""
+            limit = self._max_message_bytes.get(self.settings.dead_letter_topic)
+            if limit is not None and estimate_record_bytes(letter.key, value, record_headers) > limit:
+                # The broker would reject the whole batch, again at every retry. The headers still give the
+                # topic, partition and offset of the original record.
+                logger.warning("Dead letter of %s[%d]@%d sent without its value: %d bytes with headers are over "
+                               "the max.message.bytes of %s (%d); raise that topic config to keep such values",
+                               topic, partition, offset, len(value), self.settings.dead_letter_topic, limit)
+                record_headers.append((HEADER_VALUE_OMITTED, str(len(value)).encode()))
+                value = b""
+            records.append((target_partition, letter.key, value))
+            headers.append(record_headers)
             logger.debug("Dead letter %s[%d]@%d: %s", topic, partition, offset, letter.reason)
         return records, headers
 
+    async def _send(self, outputs: OutgoingRecords, letters: OutgoingRecords) -> list[asyncio.Future]:
+        """Hand outputs and dead letters to the producer; return one future per record batch."""
+        settings, limits = self.settings, self._max_message_bytes
+        futures = await send_records(self.producer, settings.output_topic, *outputs,
+                                     max_batch_bytes=limits.get(settings.output_topic))
+        futures += await send_records(self.producer, settings.dead_letter_topic, *letters,
+                                      max_batch_bytes=limits.get(settings.dead_letter_topic))
+        return futures
+
     async def _send_in_transaction(self, outputs, letters) -> None:
         """Hand outputs and dead letters to the open transaction; the checkpoint's commit makes them visible."""
-        settings = self.settings
         try:
             await self.checkpointer.begin()
-            futures = await send_records(self.producer, settings.output_topic, *outputs)
-            futures += await send_records(self.producer, settings.dead_letter_topic, *letters)
+            futures = await self._send(outputs, letters)
         except (KafkaError, asyncio.TimeoutError, *TRANSACTION_STATE_ERRORS) as error:
             raise RejoinRequired(f"sending in a transaction failed: {error!r}") from error
         # A failed send also fails the transaction's commit, which is where it is handled.
@@ -1013,10 +1040,8 @@ class StreamerService:
         Up to ``MAX_IN_FLIGHT_BATCHES`` batches wait for acknowledgement while the next ones are processed,
         so the broker round trip is not paid once per batch in series.
         """
-        settings = self.settings
         try:
-            futures = await send_records(self.producer, settings.output_topic, *outputs)
-            futures += await send_records(self.producer, settings.dead_letter_topic, *letters)
+            futures = await self._send(outputs, letters)
         except (KafkaError, asyncio.TimeoutError) as error:
             logger.warning("Sending a batch failed, retrying until acknowledged: %r", error)
             await self._deliver(outputs, letters)
@@ -1054,14 +1079,20 @@ class StreamerService:
             if self._producer_out_of_step:
                 await self._replace_producer()
             try:
-                futures = await send_records(self.producer, settings.output_topic, *outputs)
-                futures += await send_records(self.producer, settings.dead_letter_topic, *letters)
+                futures = await self._send(outputs, letters)
                 acknowledged = asyncio.gather(*futures)
                 acknowledged.add_done_callback(_retrieve_exception)  # still pending when the wait times out
                 await asyncio.wait_for(asyncio.shield(acknowledged), self._acknowledgement_timeout_s())
             except KafkaError as error:
                 if error.retriable:
                     raise
+                if isinstance(error, (MessageSizeTooLargeError, RecordListTooLargeError)):
+                    # The same batch is rejected at every attempt, and each attempt produces its outputs again.
+                    raise ConfigError(
+                        f"The broker rejected a record batch for {settings.output_topic} or "
+                        f"{settings.dead_letter_topic} as too large ({error!r}), as it would at every retry. The "
+                        f"member read their max.message.bytes at start: {self._max_message_bytes}. Restart it "
+                        "if a limit was lowered since, or raise the limit of the topic") from error
                 # A batch that expired unacknowledged (KafkaTimeoutError) still used up its sequence numbers,
                 # so the broker rejects the producer's next batches (OutOfOrderSequenceNumber) for good.
                 self._producer_out_of_step = True
