@@ -160,7 +160,6 @@ class StreamerService:
         self._last_lag_update = 0.0
         self._broker_probe: asyncio.Task | None = None
         self._lag_update: asyncio.Task | None = None
-        self._last_broker_probe = 0.0
         self._broker_reachable: bool | None = None  # unknown until the first probe
         self._evictions_seen = 0
         self._expirations_seen = 0
@@ -795,10 +794,8 @@ class StreamerService:
                 self._lag_update is None or self._lag_update.done()):
             self._last_lag_update = time.monotonic()
             self._lag_update = asyncio.create_task(self._update_lag(self.consumer))
-        if self._broker_probe is None or (self._broker_probe.done() and
-                                          time.monotonic() - self._last_broker_probe >= BROKER_PROBE_INTERVAL_S):
-            self._last_broker_probe = time.monotonic()
-            self._broker_probe = asyncio.create_task(self._probe_broker(self.consumer))
+        if self._broker_probe is None:
+            self._broker_probe = asyncio.create_task(self._probe_broker_periodically(self.consumer))
         async with self._batch_lock:
             if len(fetched):
                 await self._process(fetched)
@@ -809,6 +806,13 @@ class StreamerService:
                         await self._maybe_snapshot()
                 elif self._background_checkpoint is None:
                     self._start_background_checkpoint()
+
+    async def _probe_broker_periodically(self, consumer: AIOKafkaConsumer) -> None:
+        """Probe the cluster every ``BROKER_PROBE_INTERVAL_S``, also while the loop waits in delivery retries."""
+        while True:
+            started = time.monotonic()
+            await self._probe_broker(consumer)
+            await asyncio.sleep(max(0.0, BROKER_PROBE_INTERVAL_S - (time.monotonic() - started)))
 
     async def _probe_broker(self, consumer: AIOKafkaConsumer) -> None:
         """Send a metadata request and export whether the cluster responded; log when that changes.

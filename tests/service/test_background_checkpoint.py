@@ -372,3 +372,37 @@ def test_rejected_oversized_batch_stops_member(kafka_bootstrap, tmp_path):
     assert isinstance(error, ConfigError)
     assert "max.message.bytes" in str(error)
     assert "'" + settings.output_topic + "': 100" in str(error)
+
+
+def test_broker_probe_runs_while_the_loop_is_blocked(kafka_bootstrap, tmp_path):
+    """streamer_broker_reachable follows the cluster while the poll loop waits, as it does in delivery retries
+    during an outage."""
+    from aiokafka.errors import KafkaConnectionError
+
+    settings = service_settings(kafka_bootstrap, tmp_path, "pb", 13)
+
+    async def scenario() -> list[float]:
+        service, running = await start_service(kafka_bootstrap, settings)
+        await wait_until(lambda: service._broker_probe is not None)
+        held, blocked = asyncio.Event(), asyncio.Event()
+
+        async def held_send(outputs, letters, event_times_ms):
+            blocked.set()
+            await held.wait()
+
+        async def unreachable():
+            raise KafkaConnectionError("Connection refused")
+
+        service._send_without_waiting = held_send
+        await produce(kafka_bootstrap, settings.input_topics[0], events(0, 10))
+        await asyncio.wait_for(blocked.wait(), 10)
+        service.consumer.topics = unreachable
+        reachable = service.metrics.registry.get_sample_value("streamer_broker_reachable")
+        await wait_until(lambda: service.metrics.registry.get_sample_value("streamer_broker_reachable") == 0,
+                         timeout_s=25)
+        held.set()
+        service.request_stop()
+        await running
+        return [reachable, service.metrics.registry.get_sample_value("streamer_broker_reachable")]
+
+    assert asyncio.run(scenario()) == [1, 0]
