@@ -311,8 +311,7 @@ def bundle(
                                          output_std=_split_numbers(output_std, "--output-std"), seq_len=seq_len,
                                          nonlinearity=nonlinearity)
     typer.echo(f"bundle: {output}")
-    typer.echo(f"model: {manifest.cell} {manifest.input_size} inputs, hidden {manifest.hidden_size}, "
-               f"{manifest.num_layers} layers, {manifest.output_size} outputs; fingerprint {fingerprint}")
+    typer.echo(f"model: {manifest.describe()}; fingerprint {fingerprint}")
 
 
 def _split_text(value: str | None) -> list[str] | None:

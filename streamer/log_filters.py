@@ -1,4 +1,4 @@
-"""Logging filters."""
+"""Logging filters, and a log of dead letters limited to one line per reason and interval."""
 
 from __future__ import annotations
 
@@ -60,3 +60,35 @@ class GroupCoordinatorLevels(logging.Filter):
             record.levelno, record.levelname = logging.INFO, "INFO"
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         return True
+
+
+class DeadLetterLog:
+    """Log dead letters as warnings, at most one line per reason every ``interval_s``.
+
+    A reason's first dead letter is logged at once, with where it came from and its error message. A later
+    one is logged once ``interval_s`` has passed since that reason's last line, with the count since then.
+    """
+
+    def __init__(self, logger: logging.Logger, interval_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def record(self, reason: str, source: str, message: str) -> None:
+        """Note one dead letter of ``reason`` from ``source`` (such as ``topic[partition]@offset``)."""
+        now = self._clock()
+        count = self._unlogged.get(reason, 0) + 1
+        last = self._last.get(reason)
+        if last is not None and now - last < self.interval_s:
+            self._unlogged[reason] = count
+            return
+        self._unlogged[reason] = 0
+        self._last[reason] = now
+        if last is None:
+            self._logger.warning("Dead letter (%s) %s: %s", reason, source, message)
+        else:
+            self._logger.warning("%d dead letters (%s) in the last %.0f s, the latest %s: %s", count, reason,
+                                 now - last, source, message)

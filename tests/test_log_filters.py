@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from streamer.log_filters import GroupCoordinatorLevels, RepeatFilter
+from streamer.log_filters import DeadLetterLog, GroupCoordinatorLevels, RepeatFilter
 
 
 def record(name: str, message: str, *args) -> logging.LogRecord:
@@ -64,3 +64,21 @@ def test_coordinator_lookup_becomes_warning(caplog):
         logger.error("Group Coordinator Request failed: %s", "[Error 29] TopicAuthorizationFailedError")
 
     assert [record.levelname for record in caplog.records] == ["WARNING", "ERROR"]
+
+
+def test_dead_letters_logged_once_per_reason_and_interval(caplog):
+    now = [0.0]
+    log = DeadLetterLog(logging.getLogger("streamer.test.dead_letters"), interval_s=10.0, clock=lambda: now[0])
+
+    with caplog.at_level(logging.WARNING, logger="streamer.test.dead_letters"):
+        for second in range(25):
+            now[0] = float(second)
+            log.record("invalid_json", f"events[0]@{second}", "Invalid JSON: unexpected character")
+        log.record("feature_count", "events[1]@7", "Invalid feature count 3: the model has 2 inputs")
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "Dead letter (invalid_json) events[0]@0: Invalid JSON: unexpected character",
+        "10 dead letters (invalid_json) in the last 10 s, the latest events[0]@10: Invalid JSON: unexpected character",
+        "10 dead letters (invalid_json) in the last 10 s, the latest events[0]@20: Invalid JSON: unexpected character",
+        "Dead letter (feature_count) events[1]@7: Invalid feature count 3: the model has 2 inputs",
+    ]

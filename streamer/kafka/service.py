@@ -33,6 +33,7 @@ from streamer.kafka.producer import KeyPartitioner, OutgoingRecords, estimate_re
 from streamer.kafka.restore import restore_partition
 from streamer.kafka.retry import retry
 from streamer.kafka.security import KafkaSecurity
+from streamer.log_filters import DeadLetterLog
 from streamer.metrics import MetricsServer, StreamerMetrics
 from streamer.model import RecurrentModel, load_model
 from streamer.state.changelog import StateCodec, changelog_topic
@@ -136,6 +137,7 @@ class StreamerService:
         self._input_partitions: dict[str, int] = {}
         # max.message.bytes of the output and dead-letter topics, read at start: record batches stay below it.
         self._max_message_bytes: dict[str, int] = {}
+        self._dead_letter_log = DeadLetterLog(logger)
         self._changelog_partitions = 0
         self._changelog_partitions_lock = asyncio.Lock()
         self._output_partitioner: KeyPartitioner | None = None
@@ -234,6 +236,8 @@ class StreamerService:
         """
         logger.info("Starting streamer %s: %s", __version__, self.settings.effective())
         logger.info("Kafka clients connect to %s over %s", self.settings.bootstrap_servers, self.security.describe())
+        logger.info("Model %s: %s; %s semantics", self.model.fingerprint, self.model.manifest.describe(),
+                    self.settings.semantics)
         self.metrics_server = MetricsServer(self.metrics, self.settings.metrics_host, self.settings.metrics_port,
                                             liveness=self.liveness, readiness=self.readiness)
         try:
@@ -1015,7 +1019,7 @@ class StreamerService:
                 value = b""
             records.append((target_partition, letter.key, value))
             headers.append(record_headers)
-            logger.debug("Dead letter %s[%d]@%d: %s", topic, partition, offset, letter.reason)
+            self._dead_letter_log.record(letter.reason, f"{topic}[{partition}]@{offset}", letter.message)
         return records, headers
 
     async def _send(self, outputs: OutgoingRecords, letters: OutgoingRecords) -> list[asyncio.Future]:

@@ -85,6 +85,14 @@ class ModelManifest:
         """Return a copy with ``seq_len`` replaced, or this manifest when ``seq_len`` is None."""
         return self if seq_len is None else dataclasses.replace(self, seq_len=seq_len)
 
+    def describe(self) -> str:
+        """Return the cell, sizes and feature names in one line, for logs."""
+        names = f" ({', '.join(self.feature_names)})" if self.feature_names else ""
+        plural = "s" if self.output_size != 1 else ""
+        cell = self.cell if self.nonlinearity is None else f"{self.cell} ({self.nonlinearity})"
+        return (f"{cell} with {self.input_size} inputs{names}, hidden size {self.hidden_size}, "
+                f"{self.num_layers} layers, {self.output_size} output{plural}")
+
     def to_dict(self) -> dict[str, Any]:
         return {
             field.name: (list(value) if isinstance(value, tuple) else value)

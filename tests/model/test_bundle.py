@@ -59,7 +59,7 @@ def test_bundle_command_sets_relu_and_scaling(tmp_path):
          "--input-std", "4,0.1", "--output-mean", "3", "--output-std", "2", "--nonlinearity", "relu",
          "--seq-len", "5"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    assert "rnn 2 inputs, hidden 6, 2 layers, 1 outputs" in completed.stdout
+    assert "rnn (relu) with 2 inputs (temp, load), hidden size 6, 2 layers, 1 output;" in completed.stdout
     raw = np.random.default_rng(1).normal([20, 0.5], [4, 0.1], size=(5, 2)).astype(np.float32)
 
     outputs = stateful_outputs(tmp_path / "net.bundle.pt", raw)
