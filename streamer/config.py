@@ -101,6 +101,21 @@ class Settings(BaseSettings):
             return [topic.strip() for topic in value.split(",") if topic.strip()]
         return value
 
+    @field_validator("input_topics")
+    @classmethod
+    def _check_topics(cls, value: list[str]) -> list[str]:
+        repeated = sorted({topic for topic in value if value.count(topic) > 1})
+        if repeated:
+            raise ValueError(f"topic {', '.join(repeated)} given more than once")
+        return value
+
+    @field_validator("group_id")
+    @classmethod
+    def _check_group_id(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a non-empty group id")
+        return value
+
     def effective(self) -> dict[str, Any]:
         """Settings as a plain dict for the one-line startup log."""
         return {name: (str(value) if isinstance(value, (Path, SecretStr)) else value)

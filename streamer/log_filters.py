@@ -47,7 +47,7 @@ class GroupCoordinatorLevels(logging.Filter):
       that has just started returns it until its offsets topic is ready, and aiokafka retries, so the first join
       of a group on a new broker usually logs one.
     - A heartbeat refused because the group is rebalancing becomes info instead of a warning, and passes only
-      where the logger is enabled for info: every member logs it at every rebalance, and the service logs the
+      where the logger is enabled for info. Every member logs it at every rebalance, and the service logs the
       revocation and assignment that follow. The Java client logs the same condition at info.
 
     Meant for the ``aiokafka.consumer.group_coordinator`` logger itself.

@@ -37,6 +37,19 @@ def test_settings_file_keys_with_hyphens(tmp_path):
     assert settings.group_id == "g"
 
 
+@pytest.mark.parametrize("overrides,message", [
+    ({"group_id": ""}, ("group_id (--group-id", "expected a non-empty group id")),
+    ({"group_id": "  "}, ("group_id (--group-id", "expected a non-empty group id")),
+    ({"input_topics": "a,b,a"}, ("input_topics (--input-topics", "topic a given more than once")),
+])
+def test_invalid_group_id_and_topics_rejected(overrides, message):
+    with pytest.raises(ConfigError) as raised:
+        load_settings(**overrides)
+
+    for part in message:
+        assert part in str(raised.value)
+
+
 def test_settings_file_unknown_key(tmp_path):
     (tmp_path / "service.toml").write_text('output_topik = "out"\n')
 
@@ -236,3 +249,16 @@ def test_misspelled_variable_named_with_the_likely_setting():
 
     assert problems == ["STREAMER_NOTHING_LIKE_IT is not a setting and is ignored",
                         "STREAMER_OUTPUT_TOPCI is not a setting and is ignored; did you mean STREAMER_OUTPUT_TOPIC?"]
+
+
+def test_flag_wins_over_variable_and_variable_over_file(tmp_path, monkeypatch):
+    (tmp_path / "service.toml").write_text('output_topic = "from-file"\ngroup_id = "group-from-file"\n'
+                                           'dead_letter_topic = "letters-from-file"\n')
+    monkeypatch.setenv("STREAMER_OUTPUT_TOPIC", "from-variable")
+    monkeypatch.setenv("STREAMER_GROUP_ID", "group-from-variable")
+
+    settings = load_settings(tmp_path / "service.toml", output_topic="from-flag")
+
+    assert settings.output_topic == "from-flag"
+    assert settings.group_id == "group-from-variable"
+    assert settings.dead_letter_topic == "letters-from-file"

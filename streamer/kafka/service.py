@@ -49,6 +49,7 @@ TRANSACTION_STATE_ERRORS = (IllegalOperation, AssertionError)
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
 TRANSACTION_TIMEOUT_MS = 15_000
 MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
+RETRY_SHOWN_S = 30.0  # /readyz names a retried broker call this long before the first assignment
 LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often
 BROKER_PROBE_INTERVAL_S = 10.0  # a metadata request checks that the cluster responds, even with no traffic
 DEFAULT_HEARTBEAT_INTERVAL_MS = 3000  # the Kafka consumer's default; shorter sessions get a third of theirs
@@ -163,6 +164,7 @@ class StreamerService:
         self._broker_probe: asyncio.Task | None = None
         self._lag_update: asyncio.Task | None = None
         self._broker_reachable: bool | None = None  # unknown until the first probe
+        self._last_retry: tuple[str, float] | None = None  # the latest broker call retried, and when
         self._evictions_seen = 0
         self._expirations_seen = 0
 
@@ -186,6 +188,11 @@ class StreamerService:
         stand by, and a readiness probe that failed for them would stall rolling updates.
         """
         if not self._joined:
+            cluster = self.settings.bootstrap_servers
+            if self._broker_reachable is False:
+                return False, f"waiting for the Kafka cluster at {cluster}, which does not respond"
+            if self._last_retry is not None and time.monotonic() - self._last_retry[1] < RETRY_SHOWN_S:
+                return False, f"waiting for the Kafka cluster at {cluster}: retrying {self._last_retry[0]}"
             return False, "waiting for the first partition assignment"
         if self._rebalancing:
             return False, "rebalancing: partitions revoked, waiting for the assignment"
@@ -1111,7 +1118,8 @@ class StreamerService:
 
     async def _replace_producer(self) -> None:
         """Stop the at-least-once producer and start a new one, whose batches start a new sequence."""
-        logger.warning("Starting a new producer: the broker rejected the last one's batches")
+        logger.warning("Starting a new producer: a batch of the previous one expired or was rejected, which puts "
+                       "its sequence numbers out of step with the broker")
         try:
             await asyncio.wait_for(self.producer.stop(), self.settings.request_timeout_ms / 1000)
         except (KafkaError, asyncio.TimeoutError, OSError) as error:
@@ -1139,6 +1147,7 @@ class StreamerService:
 
     def _count_retry(self, operation: str) -> None:
         self.metrics.broker_retries.labels(operation=operation).inc()
+        self._last_retry = (operation, time.monotonic())
         # A loop that retries a broker call is alive: liveness must not restart a member for a broker outage.
         self._last_poll = time.monotonic()
 

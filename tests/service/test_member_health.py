@@ -44,6 +44,16 @@ def test_not_ready_between_revocation_and_assignment(service):
     assert "rebalancing" in service.readiness()[1]
 
 
+def test_not_ready_names_the_unreachable_cluster(service):
+    assert service.readiness() == (False, "waiting for the first partition assignment")
+
+    service._count_retry("create topics")
+    assert service.readiness() == (False, "waiting for the Kafka cluster at 127.0.0.1:9092: retrying create topics")
+
+    service._broker_reachable = False
+    assert service.readiness() == (False, "waiting for the Kafka cluster at 127.0.0.1:9092, which does not respond")
+
+
 def load(arena, entities, partition, offsets):
     shape = (len(entities), 1, 4)
     arena.load(entities, partition, np.ones(len(entities), np.int64), np.asarray(offsets, np.int64),
