@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import re
 import zipfile
@@ -14,6 +15,8 @@ import torch
 
 from streamer.errors import ModelError
 from streamer.model.manifest import CELLS, GATES_PER_CELL, ModelManifest
+
+logger = logging.getLogger(__name__)
 
 BUNDLE_FORMAT = "streamer.bundle"
 BUNDLE_VERSION = 1
@@ -77,15 +80,11 @@ def _infer_cell(prefix: str, rows: int, hidden_size: int) -> str:
     gates, remainder = divmod(rows, hidden_size)
     by_shape = next((cell for cell, count in GATES_PER_CELL.items() if count == gates and not remainder), None)
     name = prefix.rsplit(".", 1)[-1].lower()
-    if name == "rnn" and by_shape is not None:
-        return by_shape  # "rnn" names any recurrent module as often as nn.RNN: the shape decides
-    if name in CELLS:
-        if by_shape != name:
-            raise ModelError(
-                f"Inconsistent shape for {prefix}.weight_hh_l0: a {name.upper()} with hidden size {hidden_size} "
-                f"expects {GATES_PER_CELL[name] * hidden_size} rows, found {rows}"
-            )
-        return name
+    # The shape decides: a module keeps its attribute name when a model swaps nn.LSTM for nn.GRU, and "rnn"
+    # names any recurrent module as often as nn.RNN.
+    if name in CELLS and name != "rnn" and by_shape is not None and by_shape != name:
+        logger.warning("Weights named %s have the shape of a %s (%d rows of weight_hh_l0 for hidden size %d): "
+                       "loading them as a %s", prefix, by_shape.upper(), rows, hidden_size, by_shape.upper())
     if by_shape is None:
         raise ModelError(
             f"Cannot infer the cell type of {prefix or 'the'} weights: weight_hh_l0 has {rows} rows for hidden size "

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from streamer.errors import ModelError
-from streamer.model import ModelManifest, SeedNet, load_model, parse_state_dict, save_bundle
+from streamer.model import ModelManifest, RecurrentModel, SeedNet, load_model, parse_state_dict, save_bundle
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -106,11 +106,33 @@ def test_training_checkpoint_names_the_entry_to_save(tmp_path):
         load_model(tmp_path / "checkpoint.pt")
 
 
-def test_cell_name_inconsistent_with_gate_rows():
-    gru = nn.GRU(3, 8, batch_first=True)
+def test_cell_type_from_shape_not_name(caplog):
+    """An nn.GRU kept under the attribute name of the nn.LSTM it replaced loads as the GRU it is."""
+    torch.manual_seed(2)
+    gru, head = nn.GRU(3, 8, batch_first=True), nn.Linear(8, 1)
     state_dict = {**{f"lstm.{k}": v for k, v in gru.state_dict().items()},
+                  **{f"fc.{k}": v for k, v in head.state_dict().items()}}
+
+    with caplog.at_level("WARNING", logger="streamer.model.loading"):
+        manifest, weights = parse_state_dict(state_dict)
+
+    assert manifest.cell == "gru"
+    assert "Weights named lstm have the shape of a GRU" in caplog.text
+    x = torch.randn(2, 5, 3)
+    with torch.no_grad():
+        expected = head(gru(x)[0][:, -1])
+    model = RecurrentModel(manifest, weights)
+    state = model.zero_state(2)
+    with torch.inference_mode():
+        for step in range(5):
+            state, y = model.step(x[:, step], state)
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+def test_gate_rows_of_no_cell_rejected():
+    state_dict = {"lstm.weight_ih_l0": torch.zeros(16, 3), "lstm.weight_hh_l0": torch.zeros(16, 8),
                   "fc.weight": torch.zeros(1, 8), "fc.bias": torch.zeros(1)}
-    with pytest.raises(ModelError, match=r"LSTM with hidden size 8 expects 32 rows, found 24"):
+    with pytest.raises(ModelError, match=r"weight_hh_l0 has 16 rows for hidden size 8; expected 4x \(LSTM\)"):
         parse_state_dict(state_dict)
 
 
