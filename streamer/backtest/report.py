@@ -190,6 +190,7 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_previous_report(out)
     analysis = analyze(records, title=title, time_buckets=time_buckets, worst=worst, typical=entity_plots)
     summary = dict(analysis.summary)
     if extra_summary:
@@ -237,6 +238,21 @@ def write_report(
         divergence_by_step=divergence_files.get("by_step"),
         divergence_by_entity=divergence_files.get("by_entity"),
     )
+
+
+# The files a report writes. An earlier report in the same directory (a run with --compare-window, or with
+# more entity plots) may have written some that this one does not, which would then look like its own.
+REPORT_FILE_PATTERNS = ("summary.json", "per_entity.csv", "over_time.csv", "report.html", "mae_over_time.png",
+                        "error_histogram.png", "entity_worst_*.png", "entity_typical_*.png", "divergence.jsonl",
+                        "divergence_by_step.csv", "divergence_by_entity.csv", "divergence.png")
+
+
+def _remove_previous_report(out: Path) -> None:
+    """Delete the files of an earlier report in ``out``; other files stay."""
+    for pattern in REPORT_FILE_PATTERNS:
+        for path in out.glob(pattern):
+            if path.is_file():
+                path.unlink()
 
 
 def _format_number(value: object, spec: str = ".4g") -> str:

@@ -196,6 +196,22 @@ def test_report_with_times_beyond_dates(tmp_path, ts):
         assert f"{ts} (epoch ms)" in text
 
 
+def test_report_removes_files_of_an_earlier_report(tmp_path):
+    records = _fertility_like_records()
+    first = write_report(records, tmp_path / "report", divergence_against=records)
+    (tmp_path / "report" / "notes.txt").write_text("mine")
+    assert first.divergence.is_file()
+
+    second = write_report(records, tmp_path / "report", entity_plots=1)
+
+    assert second.divergence is None
+    assert not (tmp_path / "report" / "divergence.jsonl").exists()
+    assert not (tmp_path / "report" / "divergence.png").exists()
+    assert sorted(path.name for path in (tmp_path / "report").glob("entity_*.png")) == [
+        "entity_typical_1.png", "entity_worst_1.png"]
+    assert (tmp_path / "report" / "notes.txt").read_text() == "mine"
+
+
 def test_report_html_self_contained(tmp_path):
     records = _fertility_like_records()
     window = [dict(record, prediction=[record["prediction"][0] + 0.01 * record["step"]]) for record in records]
