@@ -106,17 +106,25 @@ def test_file_that_is_not_parquet(tmp_path):
         list(read_records(tmp_path / "in.parquet"))
 
 
-def test_output_under_a_file_is_one_error_line(tmp_path):
+@pytest.mark.parametrize("output,report_dir,message", [
+    ("afile/out.jsonl", None, "Cannot create the report directory {tmp}/afile/out-report"),
+    ("adir.jsonl", None, "Cannot write {tmp}/adir.jsonl: it is a directory"),
+    ("out.jsonl", "afile", "Cannot create the report directory {tmp}/afile (--report-dir"),
+])
+def test_unwritable_output_is_one_error_line(tmp_path, output, report_dir, message):
     (tmp_path / "in.jsonl").write_text('{"entity": "a", "features": [1.0, 2.0]}\n')
     (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.jsonl").mkdir()
     torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+    options = [] if report_dir is None else ["--report-dir", str(tmp_path / report_dir)]
 
     completed = streamer("backtest", "--model", str(tmp_path / "net.pt"), "--input", str(tmp_path / "in.jsonl"),
-                         "--output", str(tmp_path / "afile" / "out.jsonl"))
+                         "--output", str(tmp_path / output), *options)
 
-    assert completed.returncode == 1
-    assert completed.stderr.startswith("error: ")
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("error: " + message.format(tmp=tmp_path))
     assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 @pytest.mark.parametrize("command", [["kafka", "produce", "EVENTS", "--topic", "t"],

@@ -40,6 +40,8 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     """Replay ``input_path`` and write outputs, dead letters and a report; optionally compare with window."""
     model = load_model(model_path, seq_len=seq_len)
     _check_compare_window(model, compare_window)
+    report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
+    prepare_report_dir(report_dir)
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms)
     result = run_file_backtest(model, input_path, output_path, semantics=semantics, **options)
     window_records = None
@@ -47,7 +49,6 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
         window_path = window_output_path(output_path)
         run_file_backtest(model, input_path, window_path, semantics="window", **options)
         window_records = read_scored_outputs(window_path)
-    report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
     records = read_scored_outputs(output_path)
     run_summary = {**result.as_dict(), "semantics": semantics,
                    "model": model.fingerprint}
@@ -57,6 +58,15 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     paths = write_report(records, report_dir, title=title or f"Backtest of {input_path.name} ({semantics})",
                          divergence_against=window_records, extra_summary=run_summary)
     return result, paths
+
+
+def prepare_report_dir(report_dir: Path) -> None:
+    """Create the report directory before a run, so that a path that cannot hold it fails before the work."""
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"Cannot create the report directory {report_dir} (--report-dir, by default beside the "
+                          f"output): {error.strerror}") from None
 
 
 def backtest_file_command(*, model: Path, input_path: Path, output_path: Path, semantics: str,
@@ -100,6 +110,7 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
     if report_dir is None:
         report_dir = (output_path.with_name(f"{output_path.stem}-report") if output_path is not None
                       else Path(f"{output_topic}-report"))
+    prepare_report_dir(report_dir)
     dead_letter_path = report_dir / "dead-letter.jsonl" if output_topic is not None else None
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
                    initial_state=initial_state, target_feature=target_feature, progress=progress, metrics=metrics)

@@ -229,10 +229,15 @@ class StagedFile:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():
+            raise ConfigError(f"Cannot write {self.path}: it is a directory")
         self._staging = staging_path(self.path)
-        # The open temporary file, for writers that take a file object, such as pyarrow's.
-        self.file = self._staging.open("wb")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # The open temporary file, for writers that take a file object, such as pyarrow's.
+            self.file = self._staging.open("wb")
+        except OSError as error:
+            raise ConfigError(f"Cannot write {self.path}: {error.strerror}") from None
 
     def write(self, data: bytes) -> None:
         self.file.write(data)
