@@ -136,11 +136,14 @@ def _csv_value(text: str) -> Any:
         except orjson.JSONDecodeError:
             return text
     try:
-        number = float(text)
+        return int(text)  # exact, where a float would round integers beyond 2**53 such as epoch nanoseconds
+    except ValueError:
+        pass
+    try:
+        return float(text)
     except ValueError:
         lowered = text.lower()
         return {"true": True, "false": False}.get(lowered, text)
-    return int(number) if number.is_integer() and "e" not in text.lower() and "." not in text else number
 
 
 def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None, entity_field: str

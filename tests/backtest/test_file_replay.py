@@ -160,6 +160,14 @@ def test_csv_entity_ids_stay_text(seed_net_factory, tmp_path):
                                                            ("NaN", 1)]
 
 
+def test_csv_integers_beyond_float_precision_kept(seed_net_factory, tmp_path):
+    outputs, letters = csv_backtest(seed_net_factory, tmp_path,
+                                    "entity,ts,f0,f1\na,99999999999999999,1,2\na,1.5e3,1,2\na,1e3,1.5,2\n")
+
+    assert letters == []
+    assert [o["ts"] for o in outputs] == [99999999999999999, 1500, 1000]
+
+
 def test_csv_byte_order_mark_skipped(seed_net_factory, tmp_path):
     outputs, letters = csv_backtest(seed_net_factory, tmp_path, "entity,f0,f1\na,1,2\nb,3,4\n", "utf-8-sig")
 
