@@ -49,6 +49,8 @@ TRANSACTION_STATE_ERRORS = (IllegalOperation, AssertionError)
 LIVENESS_STALL_S = 60.0  # the loop is considered stuck when it has not polled for this long
 TRANSACTION_TIMEOUT_MS = 15_000
 MAX_IN_FLIGHT_BATCHES = 8  # at-least-once batches sent but not yet acknowledged, before the loop waits
+# The producer's record batches stay within this size, header included, unless one record is larger.
+PRODUCER_BATCH_BYTES = 1 << 20
 RETRY_SHOWN_S = 30.0  # /readyz names a retried broker call this long before the first assignment
 LAG_UPDATE_INTERVAL_S = 1.0  # idle partitions get their lag exported this often
 BROKER_PROBE_INTERVAL_S = 10.0  # a metadata request checks that the cluster responds, even with no traffic
@@ -289,7 +291,7 @@ class StreamerService:
             client_id=settings.client_id, enable_idempotence=True, acks="all",
             linger_ms=settings.linger_ms,
             compression_type=None if settings.compression_type == "none" else settings.compression_type,
-            max_batch_size=1 << 20, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
+            max_batch_size=PRODUCER_BATCH_BYTES, max_request_size=TOPIC_MAX_MESSAGE_BYTES,
             request_timeout_ms=settings.request_timeout_ms, metadata_max_age_ms=settings.metadata_max_age_ms,
         )
         if self.exactly_once:
@@ -1031,12 +1033,20 @@ class StreamerService:
 
     async def _send(self, outputs: OutgoingRecords, letters: OutgoingRecords) -> list[asyncio.Future]:
         """Hand outputs and dead letters to the producer; return one future per record batch."""
-        settings, limits = self.settings, self._max_message_bytes
+        settings = self.settings
         futures = await send_records(self.producer, settings.output_topic, *outputs,
-                                     max_batch_bytes=limits.get(settings.output_topic))
+                                     max_batch_bytes=self._batch_limit(settings.output_topic))
         futures += await send_records(self.producer, settings.dead_letter_topic, *letters,
-                                      max_batch_bytes=limits.get(settings.dead_letter_topic))
+                                      max_batch_bytes=self._batch_limit(settings.dead_letter_topic))
         return futures
+
+    def _batch_limit(self, topic: str) -> int | None:
+        """Return the topic's max.message.bytes where the producer's own batches could exceed it, else None.
+
+        send_records estimates the size of every record under a limit, which the common case skips.
+        """
+        limit = self._max_message_bytes.get(topic)
+        return limit if limit is not None and limit < PRODUCER_BATCH_BYTES else None
 
     async def _send_in_transaction(self, outputs, letters) -> None:
         """Hand outputs and dead letters to the open transaction; the checkpoint's commit makes them visible."""
