@@ -430,8 +430,17 @@ def _overview_section(summary: dict) -> str:
         ("values left out of MAPE (target 0)", metrics["mape_excluded"]),
         ("bias (mean prediction - target)", metrics["bias"]),
     ]
-    pairs.extend((f"run: {name}", value) for name, value in (summary.get("run") or {}).items())
-    return f"<h2>Overview</h2>{_key_values(pairs)}"
+    run = summary.get("run") or {}
+    for name, value in run.items():
+        if name == "accuracy_by_step":
+            continue  # a table of its own below
+        if isinstance(value, Mapping):
+            value = ", ".join(f"{key}: {_format_number(item)}" for key, item in value.items()) or "none"
+        pairs.append((f"run: {name}", value))
+    html_text = f"<h2>Overview</h2>{_key_values(pairs)}"
+    if run.get("accuracy_by_step"):
+        html_text += f"<pre>{html.escape(format_accuracy_by_step(run['accuracy_by_step']))}</pre>"
+    return html_text
 
 
 def _distribution_section(summary: dict, plot_paths: dict[str, Path]) -> str:

@@ -212,6 +212,19 @@ def test_report_removes_files_of_an_earlier_report(tmp_path):
     assert (tmp_path / "report" / "notes.txt").read_text() == "mine"
 
 
+def test_report_overview_renders_run_tables(tmp_path):
+    records = _fertility_like_records()
+    table = accuracy_by_step({"stateful": records, "window": records}, 5)
+
+    paths = write_report(records, tmp_path / "report", extra_summary={
+        "events": 240, "dead_letter_reasons": {"invalid_json": 2, "feature_count": 1}, "accuracy_by_step": table})
+
+    text = paths.html.read_text()
+    assert "invalid_json: 2, feature_count: 1" in text
+    assert "MAE by semantics" in text
+    assert "{&#x27;" not in text and "{'" not in text
+
+
 def test_report_html_self_contained(tmp_path):
     records = _fertility_like_records()
     window = [dict(record, prediction=[record["prediction"][0] + 0.01 * record["step"]]) for record in records]
