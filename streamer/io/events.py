@@ -53,7 +53,7 @@ class DeadLetter:
     message: str
 
 
-def _parse_json(value: bytes) -> Any:
+def parse_json(value: bytes) -> Any:
     """Parse with orjson; on failure, find the precise reason with the standard library parser.
 
     orjson rejects NaN, Infinity and numbers that overflow a double, which Python's ``json.dumps`` writes
@@ -121,7 +121,7 @@ class EventDecoder:
         if len(value) > fmt.max_record_bytes:
             raise InvalidEventError(f"Record of {len(value)} bytes exceeds the limit of {fmt.max_record_bytes} bytes",
                                     reason=errors.RECORD_TOO_LARGE)
-        document = _parse_json(value)
+        document = parse_json(value)
         if type(document) is not dict:
             raise InvalidEventError(f"Invalid event: expected a JSON object, got {type(document).__name__}",
                                     reason=errors.NOT_AN_OBJECT)

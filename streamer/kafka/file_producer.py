@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from streamer.errors import BrokerError
+from streamer.errors import BrokerError, InvalidEventError
+from streamer.io.events import parse_json
 from streamer.io.files import check_input_file, read_records
 from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topics
 from streamer.kafka.producer import KeyPartitioner, send_records
@@ -23,8 +23,9 @@ def entity_key(value: bytes, entity_field: str = "entity") -> bytes | None:
     Records without a key still go to the topic, so that the service and replays can dead-letter them.
     """
     try:
-        document = orjson.loads(value)
-    except orjson.JSONDecodeError:
+        # The service's parser, which accepts the NaN of Python's json.dumps in fields an event does not use.
+        document = parse_json(value)
+    except InvalidEventError:
         return None
     entity = document.get(entity_field) if type(document) is dict else None
     if type(entity) is int:

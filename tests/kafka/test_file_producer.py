@@ -53,6 +53,9 @@ def test_entity_key_rules():
     assert entity_key(b'{"entity": ""}') is None
     assert entity_key(b"[1, 2]") is None
     assert entity_key(b"\xff not json") is None
+    # Fields the event does not use may hold what Python's json.dumps writes for non-finite floats.
+    assert entity_key(b'{"entity": "x", "note": NaN, "features": [1]}') == b"x"
+    assert entity_key(b'{"entity": "x", "note": 1e999}') == b"x"
 
 
 def test_produce_file_keys_by_entity(kafka_bootstrap, tmp_path):
