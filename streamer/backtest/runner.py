@@ -173,3 +173,6 @@ def backtest_topic_command(*, model: Path, spec: TopicReplaySpec, output_path: P
     typer.echo(f"dead letters: {result.dead_letter_path} ({result.dead_letters})")
     typer.echo(f"report:       {paths.html}")
     warn_if_all_dead(result)
+    if not result.events:
+        typer.echo("warning: the range holds no records; --from and --to times are compared with the records' "
+                   "Kafka timestamps (the time of producing), not with the events' ts", err=True)

@@ -341,6 +341,16 @@ def test_cli_topic_backtest_with_window_report(kafka_bootstrap, events_topic, mo
     assert "MAE by semantics" in completed.stdout
 
 
+def test_cli_warns_of_an_empty_range(kafka_bootstrap, events_topic, model_path, tmp_path):
+    command = [sys.executable, "-m", "streamer", "backtest", "--model", str(model_path), "--topic", events_topic,
+               "--bootstrap-servers", kafka_bootstrap, "--from", "2001-01-01T00:00:00Z",
+               "--to", "2001-01-02T00:00:00Z", "--output", str(tmp_path / "out.jsonl")]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode == 0, completed.stderr
+    assert "warning: the range holds no records" in completed.stderr, completed.stdout
+
+
 def test_cli_rejects_output_topic_equal_to_input(kafka_bootstrap, events_topic, model_path):
     command = [sys.executable, "-m", "streamer", "backtest", "--model", str(model_path), "--topic", events_topic,
                "--bootstrap-servers", kafka_bootstrap, "--output-topic", events_topic]
