@@ -45,7 +45,8 @@ def configure_logging(level: str = "INFO") -> None:
 @app.command()
 def backtest(
     model: Path = typer.Option(..., help="Model bundle or plain seed state_dict file."),
-    input: Optional[Path] = typer.Option(None, "--input", help="Events: .jsonl, .csv or .parquet, read in file order."),
+    input: Optional[Path] = typer.Option(None, "--input", help="Events: JSON Lines (.jsonl, .ndjson, .json), "
+                                         ".csv or .parquet, read in file order."),
     topic: Optional[list[str]] = typer.Option(None, "--topic", help="Replay this Kafka topic instead of a file "
                                               "(repeat for several topics)."),
     bootstrap_servers: Optional[str] = typer.Option(None, help="Kafka bootstrap servers (host:port,...) for --topic "
@@ -400,7 +401,8 @@ def kafka_stop(data_dir: Optional[Path] = typer.Option(None, help=DATA_DIR_HELP)
 
 @kafka_app.command("produce")
 def kafka_produce(
-    input: Path = typer.Argument(..., help="Events to produce: a .jsonl, .csv or .parquet file, in file order."),
+    input: Path = typer.Argument(..., help="Events to produce: a JSON Lines (.jsonl, .ndjson, "
+                                ".json), .csv or .parquet file, in file order."),
     topic: str = typer.Option(..., help="Topic to produce to; created with --partitions partitions if missing."),
     bootstrap_servers: Optional[str] = typer.Option(None, help="Broker address (default: the local broker "
                                                     "started with `streamer kafka start`)."),
