@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -20,6 +22,19 @@ logger = logging.getLogger(__name__)
 TOPIC_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
+@asynccontextmanager
+async def _admin_client(bootstrap_servers: str, request_timeout_ms: int,
+                        security: KafkaSecurity) -> AsyncIterator[AIOKafkaAdminClient]:
+    """Start an admin client for the block and close it afterwards."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
+                                request_timeout_ms=request_timeout_ms)
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """A topic to create if missing."""
@@ -33,10 +48,7 @@ class TopicSpec:
 async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_timeout_ms: int, *,
                         security: KafkaSecurity = PLAINTEXT) -> dict[str, int]:
     """Create the missing topics and return the partition count of every named topic."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
-                                request_timeout_ms=request_timeout_ms)
-    await admin.start()
-    try:
+    async with _admin_client(bootstrap_servers, request_timeout_ms, security) as admin:
         existing = set(await admin.list_topics())
         missing = [spec for spec in specs if spec.name not in existing]
         if missing:
@@ -51,8 +63,6 @@ async def ensure_topics(bootstrap_servers: str, specs: list[TopicSpec], request_
                 if created:
                     logger.info("Created topics %s", ", ".join(created))
         return await _partition_counts(admin, [spec.name for spec in specs])
-    finally:
-        await admin.close()
 
 
 def _check_created(response) -> list[str]:
@@ -83,10 +93,7 @@ def _check_created(response) -> list[str]:
 async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, request_timeout_ms: int, *,
                             security: KafkaSecurity = PLAINTEXT) -> int:
     """Add partitions to ``topic`` until it has at least ``count``; return its partition count."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
-                                request_timeout_ms=request_timeout_ms)
-    await admin.start()
-    try:
+    async with _admin_client(bootstrap_servers, request_timeout_ms, security) as admin:
         current = (await _partition_counts(admin, [topic]))[topic]
         if current >= count:
             return current
@@ -101,21 +108,14 @@ async def ensure_partitions(bootstrap_servers: str, topic: str, count: int, requ
         counts = await _partition_counts(admin, [topic])
         logger.info("Topic %s now has %d partitions (had %d)", topic, counts[topic], current)
         return counts[topic]
-    finally:
-        await admin.close()
 
 
 async def max_message_bytes(bootstrap_servers: str, topics: list[str], request_timeout_ms: int, *,
                             security: KafkaSecurity = PLAINTEXT) -> dict[str, int]:
     """Return each topic's ``max.message.bytes``: the largest record batch its partitions accept."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
-                                request_timeout_ms=request_timeout_ms)
-    await admin.start()
-    try:
+    async with _admin_client(bootstrap_servers, request_timeout_ms, security) as admin:
         responses = await admin.describe_configs(
             [ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None}) for topic in topics])
-    finally:
-        await admin.close()
     limits = {}
     for response in responses:
         for code, message, _, name, entries in response.resources:
@@ -133,13 +133,8 @@ async def max_message_bytes(bootstrap_servers: str, topics: list[str], request_t
 async def list_topics(bootstrap_servers: str, request_timeout_ms: int, *,
                       security: KafkaSecurity = PLAINTEXT) -> set[str]:
     """Return the names of the topics on the cluster."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, **security.client_options(),
-                                request_timeout_ms=request_timeout_ms)
-    await admin.start()
-    try:
+    async with _admin_client(bootstrap_servers, request_timeout_ms, security) as admin:
         return set(await admin.list_topics())
-    finally:
-        await admin.close()
 
 
 async def _partition_counts(admin: AIOKafkaAdminClient, names: list[str], attempts: int = 50) -> dict[str, int]:

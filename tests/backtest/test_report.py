@@ -222,7 +222,8 @@ def test_report_overview_renders_run_tables(tmp_path):
     text = paths.html.read_text()
     assert "invalid_json: 2, feature_count: 1" in text
     assert "MAE by semantics" in text
-    assert "{&#x27;" not in text and "{'" not in text
+    assert "{&#x27;" not in text
+    assert "{'" not in text
 
 
 def test_report_html_self_contained(tmp_path):

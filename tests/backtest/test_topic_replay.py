@@ -384,7 +384,7 @@ def test_replay_continues_from_live_changelog_state(kafka_bootstrap, model_path,
     replayed = run_topic_backtest(load_model(model_path, seq_len=7), spec, output_path=tmp_path / "continued.jsonl",
                                   progress=False, initial_state=f"changelog:{group}")
     assert replayed.outputs == 300
-    # Another model's replay starts from zero state and says so.
+    # Another model's replay starts from zero state and logs a warning.
     other_model = load_model(seed_net_factory(input_dim=4, hidden_dim=16, layers=2, seed=5)[1])
     with caplog.at_level("WARNING", logger="streamer.backtest.topic_replay"):
         run_topic_backtest(other_model, spec, output_path=tmp_path / "other.jsonl", progress=False,

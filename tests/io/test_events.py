@@ -114,7 +114,7 @@ def test_invalid_utf8_key_rejected(decoder):
     assert caught.value.reason == errors.INVALID_ENTITY
 
 
-def test_entity_ids_of_64_bits_kept_and_larger_ones_rejected(decoder):
+def test_entity_id_beyond_64_bits_rejected(decoder):
     batch, _ = decoder.decode([None], [b'{"entity": 18446744073709551615, "features": [1, 2, 3]}'], None, [0])
     assert batch.entities == ["18446744073709551615"]
     with pytest.raises(InvalidEventError) as caught:

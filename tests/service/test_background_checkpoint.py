@@ -384,11 +384,11 @@ def test_broker_probe_runs_while_the_loop_is_blocked(kafka_bootstrap, tmp_path):
     async def scenario() -> list[float]:
         service, running = await start_service(kafka_bootstrap, settings)
         await wait_until(lambda: service._broker_probe is not None)
-        held, blocked = asyncio.Event(), asyncio.Event()
+        release, blocked = asyncio.Event(), asyncio.Event()
 
         async def held_send(outputs, letters, event_times_ms):
             blocked.set()
-            await held.wait()
+            await release.wait()
 
         async def unreachable():
             raise KafkaConnectionError("Connection refused")
@@ -400,7 +400,7 @@ def test_broker_probe_runs_while_the_loop_is_blocked(kafka_bootstrap, tmp_path):
         reachable = service.metrics.registry.get_sample_value("streamer_broker_reachable")
         await wait_until(lambda: service.metrics.registry.get_sample_value("streamer_broker_reachable") == 0,
                          timeout_s=25)
-        held.set()
+        release.set()
         service.request_stop()
         await running
         return [reachable, service.metrics.registry.get_sample_value("streamer_broker_reachable")]

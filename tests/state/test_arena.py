@@ -232,7 +232,7 @@ def test_loading_no_entities_into_an_empty_arena():
 
 
 def test_pages_of_long_rows_hold_fewer_slots():
-    """A window of 100,000 timesteps of 3 inputs takes 1.2 MB per slot: a page holds 55 slots, not 16,384."""
+    """A window of 100,000 timesteps of 3 inputs takes 1.2 MB per slot: a page has 55 slots, not 16,384."""
     arena = StateArena({"window": (100_000, 3)}, page_slots=16384)
     arena.assign(["a", "b"])
 
