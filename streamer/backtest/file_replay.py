@@ -15,7 +15,8 @@ from streamer.engine.batch import EventBatch
 from streamer.engine.gc_pause import scheduled_collection
 from streamer.errors import ConfigError
 from streamer.io.events import DeadLetter, EventDecoder, EventFormat
-from streamer.io.files import OutputWriter, RecordChunk, StagedFile, check_input_file, read_records
+from streamer.io.files import (OutputWriter, RecordChunk, StagedFile, check_input_file, count_csv_rows,
+                               read_records)
 from streamer.io.outputs import encode_dead_letter_line, encode_output_lines, encode_outputs, file_source
 from streamer.model.network import RecurrentModel
 
@@ -148,18 +149,10 @@ def _total_events(path: Path, counted: bool) -> int | None:
         except Exception:  # an unreadable file gets its own error from the reader; the bar just has no total
             return None
     if suffix == ".csv":
-        return _count_csv_rows(path)
+        return count_csv_rows(path)
     if suffix not in (".jsonl", ".ndjson", ".json"):
         return None
     return _count_lines(path)
-
-
-def _count_csv_rows(path: Path) -> int:
-    """Count the rows after the header as the reader yields them: quoted cells may span lines, and blank rows are skipped."""
-    import csv
-
-    with path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
-        return max(0, sum(1 for row in csv.reader(file) if row) - 1)
 
 
 def _count_lines(path: Path) -> int:

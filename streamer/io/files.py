@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 import orjson
 
@@ -146,11 +146,22 @@ def _csv_value(text: str) -> Any:
         return {"true": True, "false": False}.get(lowered, text)
 
 
+def _open_csv(path: Path) -> TextIO:
+    # utf-8-sig skips the byte order mark that spreadsheet programs write at the start of a UTF-8 CSV file.
+    return path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def count_csv_rows(path: str | Path) -> int:
+    """Count the rows after the header as the reader yields them: quoted cells may span lines, and blank
+    rows are skipped."""
+    with _open_csv(Path(path)) as file:
+        return max(0, sum(1 for row in csv.reader(file) if row) - 1)
+
+
 def _read_csv(path: Path, chunk_size: int, feature_names: tuple[str, ...] | None, entity_field: str
               ) -> Iterator[RecordChunk]:
     chunk = RecordChunk([], [])
-    # utf-8-sig skips the byte order mark that spreadsheet programs write at the start of a UTF-8 CSV file.
-    with path.open("r", newline="", encoding="utf-8-sig", errors="surrogateescape") as file:
+    with _open_csv(path) as file:
         reader = csv.DictReader(file)
         columns = reader.fieldnames or []
         numbered = _numbered_columns(columns)
