@@ -180,7 +180,8 @@ def _setting_default(name: str) -> str | None:
 
 @app.command()
 def run(
-    config: Optional[Path] = typer.Option(None, help="TOML settings file. A flag wins over its STREAMER_* variable, and both win over the file."),
+    config: Optional[Path] = typer.Option(None, help="TOML settings file. A flag wins over its STREAMER_* variable, "
+                                          "and both win over the file."),
     model: Optional[Path] = _flag(None, "model", "Model bundle or plain seed state_dict file."),
     semantics: Optional[str] = _flag(None, "semantics", "stateful or window."),
     seq_len: Optional[int] = _flag(None, "seq_len", "Window length for window semantics."),

@@ -49,7 +49,7 @@ from streamer.kafka.admin import TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_topi
 from streamer.kafka.fetched import stream_numbers
 from streamer.kafka.producer import KeyPartitioner, send_records
 from streamer.kafka.range_reader import RangeReader
-from streamer.kafka.restore import restore_partition
+from streamer.kafka.restore import OTHER_MODEL_CAUSES, restore_partition
 from streamer.kafka.security import PLAINTEXT, KafkaSecurity
 from streamer.metrics import StreamerMetrics
 from streamer.model.network import RecurrentModel
@@ -575,8 +575,7 @@ async def load_initial_state(engine: Engine, model: RecurrentModel, spec: TopicR
         mismatched = result.anomalies.get("model_mismatch", 0)
         if mismatched:
             logger.warning("Discarded the initial state of %d entities of partition %d in %s: made by another model "
-                           "(other weights or manifest, another semantics, or in window semantics another window "
-                           "length); they start from zero state", mismatched, partition, topic)
+                           "(%s); they start from zero state", mismatched, partition, topic, OTHER_MODEL_CAUSES)
 
 
 async def _replay(model: RecurrentModel, spec: TopicReplaySpec, *, output_path: Path | None,

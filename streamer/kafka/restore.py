@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 PROGRESS_LOG_INTERVAL_S = 10.0
 STALLED_POLLS = 20  # empty polls (500 ms each) below the end offset before a restore stops early
+# The differences a state record's fingerprint covers, named in messages about another model's state.
+OTHER_MODEL_CAUSES = "other weights or manifest, another semantics, or in window semantics another window length"
 STABLE_OFFSET_TIMEOUT_S = 120.0  # well above the transaction timeout the service sets (15 s)
 
 
@@ -155,8 +157,7 @@ def _apply(latest: dict[bytes, bytes | None], partition: int, result: RestoreRes
         if mismatch_policy == "fail":
             raise StateError(
                 f"Changelog partition {partition} contains state of another model for {len(mismatched)} entities "
-                f"(first: {mismatched[0]}): other weights or manifest, another semantics, or in window "
-                "semantics another window length; start with --model-mismatch reset to discard it")
+                f"(first: {mismatched[0]}): {OTHER_MODEL_CAUSES}; start with --model-mismatch reset to discard it")
         result.count("model_mismatch", len(mismatched))
         arena.remove_entities(mismatched, "model_mismatch")
     keep = np.flatnonzero(matches)

@@ -30,7 +30,7 @@ from streamer.kafka.admin import (TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_par
 from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
 from streamer.kafka.fetched import FetchedBatch, stream_numbers
 from streamer.kafka.producer import KeyPartitioner, OutgoingRecords, estimate_record_bytes, send_records
-from streamer.kafka.restore import restore_partition
+from streamer.kafka.restore import OTHER_MODEL_CAUSES, restore_partition
 from streamer.kafka.retry import retry
 from streamer.kafka.security import KafkaSecurity
 from streamer.log_filters import DeadLetterLog
@@ -327,6 +327,7 @@ class StreamerService:
             max_events=settings.checkpoint_events, timeout_s=2 * settings.request_timeout_ms / 1000)
         self.consumer.subscribe(settings.input_topics, listener=_RebalanceListener(self))
         self.metrics.broker_reachable.set(1)  # both clients have just fetched the cluster's metadata
+        self._broker_probe = asyncio.create_task(self._probe_broker_periodically(self.consumer))
 
     async def _ensure_topics(self) -> None:
         settings = self.settings
@@ -390,14 +391,19 @@ class StreamerService:
         without a refresh its metadata would take up to ``metadata_max_age_ms`` to show partitions just added.
         """
         client = self.producer.client
-        deadline = time.monotonic() + self.settings.request_timeout_ms / 1000
-        while len(client.cluster.partitions_for_topic(topic) or ()) < count:
+        timeout_s = self.settings.request_timeout_ms / 1000
+        deadline = time.monotonic() + timeout_s
+
+        def too_few() -> bool:
+            return len(client.cluster.partitions_for_topic(topic) or ()) < count
+
+        while too_few():
             if time.monotonic() > deadline:
                 raise BrokerError(f"The producer's metadata still shows fewer than {count} partitions of {topic} "
                                   f"after {self.settings.request_timeout_ms} ms")
-            await asyncio.wait_for(client.force_metadata_update(), self.settings.request_timeout_ms / 1000)
-            if len(client.cluster.partitions_for_topic(topic) or ()) < count:
-                await asyncio.sleep(0.05)
+            await asyncio.wait_for(client.force_metadata_update(), timeout_s)
+            if too_few():
+                await asyncio.sleep(0.05)  # the broker may take a moment to list partitions just added
 
     async def _create_topics(self, specs: list[TopicSpec]) -> dict[str, int]:
         settings = self.settings
@@ -724,8 +730,8 @@ class StreamerService:
         mismatched = result.anomalies.get("model_mismatch", 0)
         if mismatched:
             logger.warning("Discarded the state of %d entities of %s made by another model (--model-mismatch "
-                           "reset), that is, other weights or manifest, another semantics, or in window semantics "
-                           "another window length; they start from zero state", mismatched, _format_partition(tp))
+                           "reset), that is, %s; they start from zero state", mismatched, _format_partition(tp),
+                           OTHER_MODEL_CAUSES)
         self.metrics.restored_records.inc(result.records)
         self.metrics.restore_duration_seconds.observe(result.duration_s)
         self.metrics.state_entities.set(len(self.engine.arena))
@@ -807,8 +813,6 @@ class StreamerService:
                 self._lag_update is None or self._lag_update.done()):
             self._last_lag_update = time.monotonic()
             self._lag_update = asyncio.create_task(self._update_lag(self.consumer))
-        if self._broker_probe is None:
-            self._broker_probe = asyncio.create_task(self._probe_broker_periodically(self.consumer))
         async with self._batch_lock:
             if len(fetched):
                 await self._process(fetched)
