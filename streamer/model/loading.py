@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -179,7 +180,14 @@ def save_bundle(path: str | Path, state_dict: Mapping[str, torch.Tensor], manife
                   for key, value in weights.items()}
     payload = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "manifest": manifest.to_dict(),
                "state_dict": seed_names}
-    torch.save(payload, Path(path))
+    # Written beside the target and renamed over it, so an interrupted write never leaves half a bundle.
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _check_matches(inferred: ModelManifest, manifest: ModelManifest) -> None:

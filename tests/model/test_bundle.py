@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from streamer.engine import Engine, EventBatch
 from streamer.errors import ModelError
-from streamer.model import ModelManifest, load_model
+from streamer.model import ModelManifest, load_model, save_bundle
 
 
 class Net(nn.Module):
@@ -80,6 +81,36 @@ def test_bundle_command_rejects_scaling_of_another_size(tmp_path):
     assert completed.returncode == 2
     assert "input_mean: expected 2 values, found 3" in completed.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_bundle_rejects_output_same_as_model(tmp_path):
+    torch.save(Net(nn.LSTM(2, 4, 1, batch_first=True), 4).state_dict(), tmp_path / "net.pt")
+    before = (tmp_path / "net.pt").read_bytes()
+    completed = subprocess.run(
+        [sys.executable, "-m", "streamer", "bundle", "--model", str(tmp_path / "net.pt"), "--output",
+         str(tmp_path / "." / "net.pt"), "--seq-len", "5"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2, completed.stderr
+    assert "it is the model file being read; choose another --output" in completed.stderr
+    assert (tmp_path / "net.pt").read_bytes() == before
+
+
+def test_failed_write_keeps_earlier_bundle(tmp_path, monkeypatch):
+    net = Net(nn.LSTM(2, 4, 1, batch_first=True), 4)
+    manifest = ModelManifest("lstm", 2, 4, 1, 1)
+    save_bundle(tmp_path / "b.pt", net.state_dict(), manifest)
+    before = (tmp_path / "b.pt").read_bytes()
+
+    def interrupted_save(payload, path):
+        with open(path, "wb") as file:
+            file.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(OSError, match="No space left"):
+        save_bundle(tmp_path / "b.pt", net.state_dict(), dataclasses.replace(manifest, seq_len=4))
+
+    assert (tmp_path / "b.pt").read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["b.pt"]
 
 
 def test_manifest_nonlinearity():
