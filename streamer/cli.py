@@ -22,9 +22,11 @@ kafka_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, context_set
 app.add_typer(kafka_app, name="kafka")
 
 
-def env_help(text: str, name: str) -> str:
-    """Append the environment variable that backs a flag to its help text."""
-    return f"{text} (env: STREAMER_{name.upper()})"
+def env_help(text: str, name: str, default: str | None = None) -> str:
+    """Append the default and the environment variable that backs a flag to its help text."""
+    if default is None:
+        return f"{text} (env: STREAMER_{name.upper()})"
+    return f"{text} (default: {default}; env: STREAMER_{name.upper()})"
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -44,7 +46,7 @@ def configure_logging(level: str = "INFO") -> None:
 
 @app.command()
 def backtest(
-    model: Path = typer.Option(..., help="Model bundle or plain seed state_dict file."),
+    model: Path = typer.Option(..., help="Model bundle, or a plain state_dict file (torch.save(net.state_dict(), path))."),
     input: Optional[Path] = typer.Option(None, "--input", help="Events: JSON Lines (.jsonl, .ndjson, .json), "
                                          ".csv or .parquet, read in file order."),
     topic: Optional[list[str]] = typer.Option(None, "--topic", help="Replay this Kafka topic instead of a file "
@@ -158,12 +160,12 @@ def _security_from_environment():
     return KafkaSecurity.from_settings(load_settings())
 
 
-def _flag(default, name: str, text: str, **options):
-    """Return a `run` option that falls back to the setting ``name``, with the setting's default in its help."""
-    default_text = _setting_default(name)
-    if default_text is None:
-        return typer.Option(default, help=env_help(text, name), show_default=False, **options)
-    return typer.Option(default, help=f"{text} (default: {default_text}; env: STREAMER_{name.upper()})",
+def _flag(default, name: str, text: str, default_text: str | None = None, **options):
+    """Return a `run` option that falls back to the setting ``name``, with the setting's default in its help.
+
+    ``default_text`` describes a default that has no value to show, such as no limit.
+    """
+    return typer.Option(default, help=env_help(text, name, default_text or _setting_default(name)),
                         show_default=False, **options)
 
 
@@ -182,7 +184,7 @@ def _setting_default(name: str) -> str | None:
 def run(
     config: Optional[Path] = typer.Option(None, help="TOML settings file. A flag wins over its STREAMER_* variable, "
                                           "and both win over the file."),
-    model: Optional[Path] = _flag(None, "model", "Model bundle or plain seed state_dict file."),
+    model: Optional[Path] = _flag(None, "model", "Model bundle, or a plain state_dict file (torch.save(net.state_dict(), path))."),
     semantics: Optional[str] = _flag(None, "semantics", "stateful or window."),
     seq_len: Optional[int] = _flag(None, "seq_len", "Window length for window semantics."),
     bootstrap_servers: Optional[str] = _flag(None, "bootstrap_servers", "Kafka bootstrap servers (host:port,...)."),
@@ -202,9 +204,10 @@ def run(
     ssl_keyfile: Optional[Path] = _flag(None, "ssl_keyfile", "Unencrypted PEM key of the client certificate."),
     ssl_check_hostname: Optional[bool] = typer.Option(
         None, "--ssl-check-hostname/--no-ssl-check-hostname", show_default=False,
-        help=env_help("Check that each broker's certificate names its host (default: check).", "ssl_check_hostname")),
+        help=env_help("Check that each broker's certificate names its host.", "ssl_check_hostname", default="check")),
     group_id: Optional[str] = _flag(None, "group_id", "Consumer group id."),
-    group_instance_id: Optional[str] = _flag(None, "group_instance_id", "Static membership id (group.instance.id)."),
+    group_instance_id: Optional[str] = _flag(None, "group_instance_id", "Static membership id (group.instance.id).",
+                                               default_text="dynamic membership"),
     client_id: Optional[str] = _flag(None, "client_id", "Client id of the consumer and producer (client.id), as "
                                      "broker logs, quotas and group descriptions show it."),
     auto_offset_reset: Optional[str] = _flag(None, "auto_offset_reset", "Where a partition without a valid "
@@ -226,8 +229,10 @@ def run(
                                                "before a refresh, in ms (metadata.max.age.ms). Partitions added to "
                                                "an input topic are noticed at a refresh."),
     shutdown_timeout_s: Optional[float] = _flag(None, "shutdown_timeout_s", "Deadline for a clean stop, in s."),
-    max_entities: Optional[int] = _flag(None, "max_entities", "State capacity; LRU entities are evicted."),
-    idle_expiry_ms: Optional[int] = _flag(None, "idle_expiry_ms", "Expire entities idle this long in event time."),
+    max_entities: Optional[int] = _flag(None, "max_entities", "State capacity; the least recently used entities "
+                                        "are evicted.", default_text="no limit"),
+    idle_expiry_ms: Optional[int] = _flag(None, "idle_expiry_ms", "Expire entities idle this long in event time.",
+                                          default_text="never"),
     entity_field: Optional[str] = _flag(None, "entity_field", "Event field with the entity id, read when a record "
                                         "has no key."),
     max_record_bytes: Optional[int] = _flag(None, "max_record_bytes", "Larger records are dead-lettered "
@@ -237,11 +242,12 @@ def run(
     guarantee: Optional[str] = _flag(None, "guarantee", "at-least-once or exactly-once."),
     changelog: Optional[bool] = typer.Option(None, "--changelog/--no-changelog", show_default=False,
                                              help=env_help("Keep state durable in <group>-state-changelog.",
-                                                           "changelog")),
+                                                           "changelog", default="off")),
     checkpoint_interval_ms: Optional[int] = _flag(None, "checkpoint_interval_ms", "Checkpoint at least this often."),
     checkpoint_events: Optional[int] = _flag(None, "checkpoint_events", "Checkpoint after this many events."),
     model_mismatch: Optional[str] = _flag(None, "model_mismatch", "State of another model: reset or fail."),
-    snapshot_dir: Optional[Path] = _flag(None, "snapshot_dir", "Directory for local state snapshots."),
+    snapshot_dir: Optional[Path] = _flag(None, "snapshot_dir", "Directory for local state snapshots.",
+                                          default_text="no snapshots"),
     snapshot_interval_ms: Optional[int] = _flag(None, "snapshot_interval_ms", "Write snapshots at most this often."),
     metrics_host: Optional[str] = _flag(None, "metrics_host", "Address of the /metrics, /healthz, /readyz server."),
     metrics_port: Optional[int] = _flag(None, "metrics_port", "Port of the metrics server (0 picks a free one)."),

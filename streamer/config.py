@@ -26,7 +26,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
     # Model and engine
-    model: Path | None = Field(None, description="model bundle or plain seed state_dict file")
+    model: Path | None = Field(None, description="model bundle, or a plain state_dict file saved with "
+                               "torch.save(net.state_dict(), path)")
     semantics: Literal["stateful", "window"] = Field("stateful", description="stateful or window")
     seq_len: int | None = Field(None, ge=1, description="window length for window semantics")
     device: str = Field("cpu", description="torch device for the model and the state arena")

@@ -33,8 +33,16 @@ def test_run_help_shows_setting_defaults():
 def test_run_help_without_default():
     text = help_text("run")
 
-    assert "Model bundle or plain seed state_dict file. (env: STREAMER_MODEL)" in text
+    assert "Model bundle, or a plain state_dict file (torch.save(net.state_dict(), path)). (env: STREAMER_MODEL)" in text
     assert "(default: None" not in text
+
+
+def test_run_help_names_valueless_defaults():
+    text = help_text("run")
+
+    assert "are evicted. (default: no limit; env: STREAMER_MAX_ENTITIES)" in text
+    assert "<group>-state-changelog. (default: off; env: STREAMER_CHANGELOG)" in text
+    assert "in event time. (default: never; env: STREAMER_IDLE_EXPIRY_MS)" in text
 
 
 def test_kafka_produce_help():
