@@ -157,6 +157,8 @@ class StreamerService:
         self.events_processed = 0
         self._rejoin_reason: str | None = None
         self._fatal_error: StateError | None = None
+        self._final_checkpoint_failure: str | None = None  # why the last checkpoint of a stop did not happen
+        self._last_checkpoint_error: Exception | None = None  # of the latest at-least-once checkpoint that failed
         self._in_flight: deque[_InFlightBatch] = deque()
         # Set when the broker rejected the producer's batches in a way that only a new producer recovers from.
         self._producer_out_of_step = False
@@ -265,13 +267,18 @@ class StreamerService:
                             await self._poll_once()
                             collector.maybe_collect()
                         # Step 1
-                        await self._until_deadline(self._final_checkpoint(), "Final checkpoint")
+                        if not await self._until_deadline(self._final_checkpoint(), "Final checkpoint"):
+                            self._final_checkpoint_failure = "it did not finish before the shutdown deadline"
                 except RejoinRequired as error:
                     await self._drop_and_rejoin(error)
         finally:
             await self._shutdown()
         if self._fatal_error is not None:
             raise self._fatal_error
+        if self._final_checkpoint_failure is not None:
+            # The non-zero exit shows the supervisor that events after the committed offsets are processed again.
+            raise BrokerError(f"Stopped without a final checkpoint ({self._final_checkpoint_failure}); the next "
+                              "owners of its partitions process the events after the committed offsets again")
 
     async def _unless_stopped(self, step: Awaitable[None], stage: str) -> bool:
         """Await a start-up step; return False when its retries ended because a stop was requested."""
@@ -416,14 +423,20 @@ class StreamerService:
     async def _final_checkpoint(self) -> None:
         try:
             async with self._batch_lock:
-                if await self._checkpoint():
-                    committed = {tp: offset for tp, offset in self.checkpointer.committed_offsets.items()
-                                 if tp in self._assignment and offset is not None}
-                    logger.info("Final checkpoint done; committed offsets %s",
-                                ", ".join(f"{_format_partition(tp)}@{offset}"
-                                          for tp, offset in sorted(committed.items())) or "none")
+                self._last_checkpoint_error = None
+                succeeded = await self._checkpoint()
         except (BrokerError, KafkaError, asyncio.TimeoutError, RejoinRequired) as error:
             logger.warning("Final checkpoint failed; uncommitted events will be replayed: %r", error)
+            self._final_checkpoint_failure = f"it failed: {error!r}"
+            return
+        if succeeded:
+            committed = {tp: offset for tp, offset in self.checkpointer.committed_offsets.items()
+                         if tp in self._assignment and offset is not None}
+            logger.info("Final checkpoint done; committed offsets %s",
+                        ", ".join(f"{_format_partition(tp)}@{offset}"
+                                  for tp, offset in sorted(committed.items())) or "none")
+        elif self._last_checkpoint_error is not None:
+            self._final_checkpoint_failure = f"it failed: {self._last_checkpoint_error!r}"
 
     async def _drop_and_rejoin(self, error: Exception) -> None:
         logger.warning("Dropping in-memory state and rejoining the group: %r", error)
@@ -953,6 +966,7 @@ class StreamerService:
             if self.exactly_once:
                 raise RejoinRequired(f"transaction failed: {error!r}") from error
             self.metrics.commit_failures.inc()
+            self._last_checkpoint_error = error
             if isinstance(error, (CommitFailedError, IllegalStateError)):
                 # The group rebalanced: these partitions belong to another member now, which resumes from the
                 # last committed offset. Outputs already produced may be produced again (at-least-once).

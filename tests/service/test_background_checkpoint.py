@@ -13,6 +13,7 @@ import torch
 from aiokafka import TopicPartition
 
 from streamer.config import Settings
+from streamer.errors import BrokerError
 from streamer.kafka.service import StreamerService
 from streamer.model import SeedNet
 from streamer.state.changelog import changelog_topic
@@ -149,7 +150,7 @@ def test_stop_deadline_during_unacknowledged_sends(kafka_bootstrap, tmp_path, mo
     settings = service_settings(kafka_bootstrap, tmp_path, "dl", 7, request_timeout_ms=30_000, shutdown_timeout_s=3.0)
     unanswered: list[asyncio.Future] = []
 
-    async def scenario() -> float:
+    async def scenario() -> tuple[float, BaseException | None]:
         service, running = await start_service(kafka_bootstrap, settings)
 
         async def unacknowledged_send(producer, topic, records, headers=None, **options):
@@ -162,13 +163,41 @@ def test_stop_deadline_during_unacknowledged_sends(kafka_bootstrap, tmp_path, mo
         await wait_until(lambda: service.events_processed >= 200)
         stop_requested = time.monotonic()
         service.request_stop()
-        await asyncio.gather(running, return_exceptions=True)
-        return time.monotonic() - stop_requested
+        (outcome,) = await asyncio.gather(running, return_exceptions=True)
+        return time.monotonic() - stop_requested, outcome
 
-    stop_s = asyncio.run(scenario())
+    stop_s, outcome = asyncio.run(scenario())
     assert unanswered
     # The deadline (3 s), then the clients' own stop, which the last step may overrun by a little.
     assert stop_s < 3.0 + 2.0
+    # The outputs were never acknowledged, so nothing could be committed: the stop reports it.
+    assert isinstance(outcome, BrokerError), outcome
+    assert "Stopped without a final checkpoint (it did not finish before the shutdown deadline)" in str(outcome)
+
+
+def test_failed_final_commit_fails_stop(kafka_bootstrap, tmp_path):
+    """A stop whose last commit fails ends with an error (exit code 1 from the command line), not as a clean stop."""
+    from aiokafka.errors import KafkaConnectionError
+
+    settings = service_settings(kafka_bootstrap, tmp_path, "fc", 8, checkpoint_interval_ms=60_000)
+
+    async def scenario() -> None:
+        service, running = await start_service(kafka_bootstrap, settings)
+        await produce(kafka_bootstrap, settings.input_topics[0], events(0, 100))
+        await wait_until(lambda: service.events_processed >= 100)
+
+        async def rejected_commit(offsets=None):
+            raise KafkaConnectionError("connection reset")
+
+        service.consumer.commit = rejected_commit
+        service.request_stop()
+        with pytest.raises(BrokerError, match=r"Stopped without a final checkpoint \(it failed: "
+                                              r"KafkaConnectionError"):
+            await running
+        committed = await committed_offsets(kafka_bootstrap, settings.group_id, settings.input_topics[0], PARTITIONS)
+        assert sum(offset or 0 for offset in committed.values()) == 0
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("failing_call", ["send_offsets_to_transaction", "commit_transaction"])
