@@ -71,6 +71,8 @@ class Checkpointer:
         # The last committed offset of each partition the service owns: committed by this checkpointer, or
         # found at the assignment (None when the group never committed one).
         self.committed_offsets: dict[TopicPartition, int | None] = {}
+        # The first offset processed of each owned partition that has no committed offset: the fence commits it.
+        self.start_offsets: dict[TopicPartition, int] = {}
         self.pending_events = 0
         self.pending_event_times_ms: list[np.ndarray] = []
         self._last_checkpoint = time.monotonic()
@@ -83,9 +85,17 @@ class Checkpointer:
             self.in_transaction = True
 
     def record_batch(self, next_offsets: dict[TopicPartition, int], events: int,
-                     event_times_ms: np.ndarray | None = None) -> None:
-        """Remember a processed batch: its next offsets and, for exactly-once, its event times for latency."""
+                     event_times_ms: np.ndarray | None = None,
+                     first_offsets: dict[TopicPartition, int] | None = None) -> None:
+        """Remember a processed batch: its next offsets and, for exactly-once, its event times for latency.
+
+        ``first_offsets`` (each partition's first offset in the batch) give the fence an offset to commit for
+        partitions that have none committed.
+        """
         self.pending_offsets.update(next_offsets)
+        for tp, offset in (first_offsets or {}).items():
+            if self.committed_offsets.get(tp) is None:
+                self.start_offsets.setdefault(tp, offset)
         self.pending_events += events
         if event_times_ms is not None and event_times_ms.size:
             self.pending_event_times_ms.append(event_times_ms)
@@ -184,15 +194,24 @@ class Checkpointer:
 
         The group coordinator accepts an offset commit only from a member of its current generation, and
         aiokafka raises ``CommitFailedError`` otherwise. The values are those already committed, so the
-        commit changes nothing for a member that still owns its partitions.
+        commit changes nothing for a member that still owns its partitions. A partition that never had an
+        offset committed gets the first offset this member processed of it, where any owner would resume.
         """
-        # NOTE: a group that never committed an offset of these partitions gives nothing to commit again, so
-        # the first checkpoint after such an assignment goes unchecked.
         if offsets:
             await asyncio.wait_for(self.consumer.commit(offsets), self.timeout_s)
 
     def _fence_offsets(self, owned: Callable[[TopicPartition], bool]) -> dict[TopicPartition, int]:
-        return {tp: offset for tp, offset in self.committed_offsets.items() if offset is not None and owned(tp)}
+        offsets = {tp: offset for tp, offset in self.committed_offsets.items() if offset is not None and owned(tp)}
+        for tp, offset in self.start_offsets.items():
+            if owned(tp) and self.committed_offsets.get(tp) is None:
+                offsets[tp] = offset
+        return offsets
+
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Remove the offsets recorded for ``partitions``, which this member no longer owns."""
+        for tp in partitions:
+            self.committed_offsets.pop(tp, None)
+            self.start_offsets.pop(tp, None)
 
     def _take_offsets(self, owned: Callable[[TopicPartition], bool]) -> dict[TopicPartition, int]:
         offsets = {tp: offset for tp, offset in self.pending_offsets.items() if owned(tp)}
@@ -203,6 +222,8 @@ class Checkpointer:
 
     def _observe_checkpoint(self, offsets: dict[TopicPartition, int], started: float) -> None:
         self.committed_offsets.update(offsets)
+        for tp in offsets:
+            self.start_offsets.pop(tp, None)
         if offsets:
             self.metrics.commits.inc()
         self.metrics.checkpoints.inc()

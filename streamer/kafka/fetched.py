@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -22,11 +22,13 @@ class FetchedBatch:
     next_offsets: dict[TopicPartition, int]
     # Each record's headers, as (name, value) pairs; None when no record of the batch has any.
     headers: list[Sequence[tuple[str, bytes]]] | None = None
+    # The offset of each partition's first record in the batch.
+    first_offsets: dict[TopicPartition, int] = field(default_factory=dict)
 
     @classmethod
     def from_records(cls, records: dict[TopicPartition, list]) -> FetchedBatch:
         topics, partitions, offsets, timestamps, keys, values, headers = [], [], [], [], [], [], []
-        next_offsets = {}
+        first_offsets, next_offsets = {}, {}
         for tp, messages in records.items():
             if not messages:
                 continue
@@ -39,9 +41,10 @@ class FetchedBatch:
                 keys.append(message.key)
                 values.append(message.value)
                 headers.append(message.headers)
+            first_offsets[tp] = messages[0].offset
             next_offsets[tp] = messages[-1].offset + 1
         return cls(topics, np.asarray(partitions, np.int32), np.asarray(offsets, np.int64), timestamps, keys,
-                   values, next_offsets, headers if any(headers) else None)
+                   values, next_offsets, headers if any(headers) else None, first_offsets)
 
     def __len__(self) -> int:
         return len(self.values)

@@ -563,8 +563,7 @@ class StreamerService:
         dropped = self.engine.arena.remove_partitions(numbers) if numbers else 0
         self.engine.arena.drain_removed()
         if self.checkpointer is not None:
-            for tp in partitions:
-                self.checkpointer.committed_offsets.pop(tp, None)
+            self.checkpointer.forget(partitions)
         self.metrics.state_entities.set(len(self.engine.arena))
         return dropped
 
@@ -990,10 +989,10 @@ class StreamerService:
         event_times_ms = np.asarray(fetched.timestamps_ms, np.float64)[batch.record_index[result.applied]]
         if self.exactly_once:
             await self._send_in_transaction(outputs, letters)
-            self.checkpointer.record_batch(fetched.next_offsets, len(fetched), event_times_ms)
+            self.checkpointer.record_batch(fetched.next_offsets, len(fetched), event_times_ms, fetched.first_offsets)
         else:
             await self._send_without_waiting(outputs, letters, event_times_ms)
-            self.checkpointer.record_batch(fetched.next_offsets, len(fetched))
+            self.checkpointer.record_batch(fetched.next_offsets, len(fetched), first_offsets=fetched.first_offsets)
         self._record_batch(fetched, result, dead, len(outputs[0]))
 
     def _output_records(self, fetched: FetchedBatch, batch: EventBatch, result: StepResult) -> OutgoingRecords:

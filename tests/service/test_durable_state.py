@@ -511,12 +511,17 @@ def test_idle_member_keeps_partitions_when_another_joins(kafka_bootstrap, model_
     assert restored_after == restored_before
 
 
-@pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
-def test_stalled_member_writes_no_stale_state(kafka_bootstrap, model_path, tmp_path, guarantee):
+@pytest.mark.parametrize("guarantee, committed_before_pause", [("at-least-once", True), ("exactly-once", True),
+                                                               ("exactly-once", False)],
+                         ids=["at-least-once", "exactly-once", "exactly-once-before-any-commit"])
+def test_stalled_member_writes_no_stale_state(kafka_bootstrap, model_path, tmp_path, guarantee,
+                                              committed_before_pause):
     """A member paused past its session timeout resumes after another member took over and moved on.
 
     Its checkpoint must then neither write its older states to the changelog, where they would replace the
-    newer ones, nor (exactly-once) commit its transaction of outputs the other member produced again.
+    newer ones, nor (exactly-once) commit its transaction of outputs the other member produced again. The
+    member checks its membership by committing offsets again, so the case of a group that has committed none
+    yet (the pause before the first checkpoint) runs too.
     """
     topics = names("stall")
     events = make_events(900)
@@ -534,19 +539,27 @@ def test_stalled_member_writes_no_stale_state(kafka_bootstrap, model_path, tmp_p
     second = None
     try:
         first.wait_ready()
-        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:300]))
-        wait_for_outputs(first, 300)
-        deadline = time.monotonic() + 30
-        while first.metric("streamer_commits_total") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[300:500]))
-        wait_for_outputs(first, 500)
+        if committed_before_pause:
+            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:300]))
+            wait_for_outputs(first, 300)
+            deadline = time.monotonic() + 30
+            while first.metric("streamer_commits_total") < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[300:500]))
+        else:
+            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[:200]))
+        wait_for_outputs(first, 500 if committed_before_pause else 200)
+        assert first.metric("streamer_commits_total") == (1 if committed_before_pause else 0)
         first.process.send_signal(signal.SIGSTOP)
 
         second = ServiceProcess(tmp_path, group_instance_id="second", checkpoint_interval_ms=200, **base)
         second.wait_ready(timeout_s=90)
-        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[500:]))
-        wait_for_outputs(second, 600)  # events 300 to 499 again, and the last 400
+        if committed_before_pause:
+            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[500:]))
+            wait_for_outputs(second, 600)  # events 300 to 499 again, and the last 400
+        else:
+            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[200:]))
+            wait_for_outputs(second, len(events))  # from the first event: nothing was committed
         deadline = time.monotonic() + 30
         while second.metric("streamer_commits_total") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
