@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidSessionTimeoutError,
                              KafkaError, MessageSizeTooLargeError, ProducerFenced, RecordListTooLargeError)
 
@@ -27,6 +28,7 @@ from streamer.io.events import DeadLetter, EventDecoder
 from streamer.io.outputs import HEADER_VALUE_OMITTED, dead_letter_headers, encode_outputs, topic_source
 from streamer.kafka.admin import (TOPIC_MAX_MESSAGE_BYTES, TopicSpec, ensure_partitions, ensure_topics,
                                   max_message_bytes)
+from streamer.kafka.assignor import CopartitionedStickyAssignor
 from streamer.kafka.checkpoint import Checkpointer, PreparedCheckpoint
 from streamer.kafka.fetched import FetchedBatch, stream_numbers
 from streamer.kafka.producer import KeyPartitioner, OutgoingRecords, estimate_record_bytes, send_records
@@ -322,6 +324,8 @@ class StreamerService:
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
             metadata_max_age_ms=settings.metadata_max_age_ms,
             max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, isolation_level="read_committed",
+            # Round robin, aiokafka's default, stays listed for groups whose older members know only that one.
+            partition_assignment_strategy=(CopartitionedStickyAssignor(), RoundRobinPartitionAssignor),
         )
         await retry("producer start", self.producer.start, timeout_s=settings.request_timeout_ms / 1000,
                     stopping=self._stop_requested.is_set, on_retry=self._count_retry)
@@ -546,8 +550,8 @@ class StreamerService:
                 logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
             committed = self.checkpointer.committed_offsets if checkpointed else {}
             parkable = {tp for tp in revoked if tp in committed and tp.partition not in restoring}
-            # NOTE: the arena keys entities by partition number only. With several input topics, a dropped
-            # partition number drops that number's entities of every topic, which range assignment co-assigns.
+            # The arena keys entities by partition number only. With several input topics, a dropped partition
+            # number drops that number's entities of every topic, which the assignor gives to one member.
             dropped_numbers = {tp.partition for tp in revoked - parkable}
             self._parked = {tp: committed[tp] for tp in parkable if tp.partition not in dropped_numbers}
             dropped = self._drop_partitions(dropped_numbers, revoked - self._parked.keys())

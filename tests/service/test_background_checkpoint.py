@@ -435,3 +435,63 @@ def test_broker_probe_runs_while_the_loop_is_blocked(kafka_bootstrap, tmp_path):
         return [reachable, service.metrics.registry.get_sample_value("streamer_broker_reachable")]
 
     assert asyncio.run(scenario()) == [1, 0]
+
+
+def test_members_own_copartitioned_numbers(kafka_bootstrap, tmp_path):
+    """With two input topics, partition N of both goes to one member, so an entity's events of both topics
+    advance one state. Members that stay keep their partitions when another joins."""
+    settings = service_settings(kafka_bootstrap, tmp_path, "cp", 11)
+    suffix = settings.input_topics[0].rsplit("-", 1)[1]
+    topics = [f"cp-a-{suffix}", f"cp-b-{suffix}"]
+    settings = settings.model_copy(update={"input_topics": topics, "topic_partitions": 3})
+
+    def numbers(service: StreamerService) -> dict[str, set[int]]:
+        owned = {topic: set() for topic in topics}
+        for tp in service.consumer.assignment():
+            owned[tp.topic].add(tp.partition)
+        return owned
+
+    async def scenario() -> tuple[list[dict[str, set[int]]], list[dict[str, set[int]]], list]:
+        members, tasks = [], []
+
+        async def join() -> None:
+            member = StreamerService(settings.model_copy(update={"metrics_port": free_port()}))
+            members.append(member)
+            tasks.append(asyncio.create_task(member.run()))
+
+        def settled(count: int) -> bool:
+            return (all(member.consumer is not None and member.readiness()[0] for member in members)
+                    and sum(len(member.consumer.assignment()) for member in members) == 3 * len(topics)
+                    and all(member.consumer.assignment() for member in members[:count]))
+
+        await join()
+        await join()
+        await wait_until(lambda: settled(2))
+        await asyncio.sleep(1.0)
+        two = [numbers(member) for member in members]
+        for index in range(12):
+            events_of_topic = [(f"e{index % 6}".encode(), orjson.dumps({"features": [index / 12, 0.5, -0.25, 1.0]}))]
+            await produce(kafka_bootstrap, topics[index % 2], events_of_topic)
+        outputs = await read_topic(kafka_bootstrap, settings.output_topic, 12, timeout_s=60)
+        await join()
+        await wait_until(lambda: settled(3))
+        await asyncio.sleep(1.0)
+        three = [numbers(member) for member in members]
+        for member in members:
+            member.request_stop()
+        await asyncio.gather(*tasks)
+        return two, three, outputs
+
+    two, three, outputs = asyncio.run(scenario())
+
+    for assignment in two + three:
+        assert assignment[topics[0]] == assignment[topics[1]], assignment
+    assert sorted(n for assignment in two for n in assignment[topics[0]]) == [0, 1, 2]
+    assert sorted(n for assignment in three for n in assignment[topics[0]]) == [0, 1, 2]
+    for before, after in zip(two, three[:2]):
+        assert after[topics[0]] <= before[topics[0]]
+    steps: dict[str, list[int]] = {}
+    for record in outputs:
+        output = orjson.loads(record.value)
+        steps.setdefault(output["entity"], []).append(output["step"])
+    assert {entity: sorted(values) for entity, values in steps.items()} == {f"e{i}": [1, 2] for i in range(6)}
