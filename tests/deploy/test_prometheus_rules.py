@@ -18,6 +18,7 @@ REQUIRED_ALERTS = {
     "LatencySLOBurn",
     "StreamerInstanceDown",
     "RestoreTakingTooLong",
+    "StateDiscarded",
 }
 
 
