@@ -14,7 +14,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.coordinator.assignors.roundrobin import RoundRobinPartitionAssignor
 from aiokafka.errors import (CommitFailedError, IllegalOperation, IllegalStateError, InvalidSessionTimeoutError,
                              KafkaError, MessageSizeTooLargeError, ProducerFenced, RecordListTooLargeError)
 
@@ -324,8 +323,9 @@ class StreamerService:
             request_timeout_ms=max(settings.request_timeout_ms, 40_000),
             metadata_max_age_ms=settings.metadata_max_age_ms,
             max_partition_fetch_bytes=TOPIC_MAX_MESSAGE_BYTES, isolation_level="read_committed",
-            # Round robin, aiokafka's default, stays listed for groups whose older members know only that one.
-            partition_assignment_strategy=(CopartitionedStickyAssignor(), RoundRobinPartitionAssignor),
+            # NOTE: one assignor only. aiokafka 0.14 sends a JoinGroup per listed assignor, each with a longer
+            # protocol list, and members joining together then rebalance again and again.
+            partition_assignment_strategy=(CopartitionedStickyAssignor(),),
         )
         await retry("producer start", self.producer.start, timeout_s=settings.request_timeout_ms / 1000,
                     stopping=self._stop_requested.is_set, on_retry=self._count_retry)
