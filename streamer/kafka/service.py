@@ -202,10 +202,10 @@ class StreamerService:
         if self._rebalancing:
             return False, "rebalancing: partitions revoked, waiting for the assignment"
         if self._restores:
-            return False, f"restoring {len(self._restores)} partitions"
+            return False, f"restoring {_count_partitions(len(self._restores))}"
         if not self._assignment:
             return True, "ready: no partitions assigned, standing by"
-        return True, f"ready: {len(self._assignment)} partitions assigned"
+        return True, f"ready: {_count_partitions(len(self._assignment))} assigned"
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -475,7 +475,9 @@ class StreamerService:
                 await asyncio.gather(task, return_exceptions=True)
         self._broker_probe = self._lag_update = None
         if self.consumer is not None and await self._until_deadline(self.consumer.stop(), "Consumer leaving the group"):
-            if self.settings.group_instance_id is None:
+            if self._dropping:
+                logger.info("Closed the consumer to join group %s again", self.settings.group_id)
+            elif self.settings.group_instance_id is None:
                 logger.info("Left consumer group %s", self.settings.group_id)
             else:
                 logger.info("Stopped static member %s of group %s: its partitions move after the session timeout "
@@ -614,6 +616,11 @@ class StreamerService:
 
         Parked partitions assigned back unchanged keep their entities and are not restored.
         """
+        if self._dropping:
+            # The consumer that was given these partitions stops next; its successor gets them again.
+            logger.info("Partitions assigned while the member drops its state to rejoin, left to the next "
+                        "assignment: %s", _format_partitions(assigned))
+            return
         self._joined = True
         self._rebalancing = False
         self._count_input_partitions(assigned)
@@ -976,7 +983,10 @@ class StreamerService:
                 logger.warning("Commit rejected after a rebalance; the new owner will replay: %r", error)
                 self.checkpointer.pending_offsets.clear()
                 return False
-            logger.warning("Checkpoint failed, retrying at the next one: %r", error)
+            if self._stop_requested.is_set():
+                logger.warning("Checkpoint failed: %r", error)
+            else:
+                logger.warning("Checkpoint failed, retrying at the next one: %r", error)
             return False
 
     async def _process(self, fetched: FetchedBatch) -> None:
@@ -1186,6 +1196,10 @@ class StreamerService:
 def _retrieve_exception(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _count_partitions(count: int) -> str:
+    return f"{count} partition" if count == 1 else f"{count} partitions"
 
 
 def _format_partition(tp: TopicPartition) -> str:

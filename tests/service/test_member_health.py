@@ -34,6 +34,29 @@ def test_retrying_broker_calls_keep_the_member_live(service):
     assert service.liveness()[0]
 
 
+def test_readiness_counts_partitions(service):
+    service._joined = True
+    service._assignment = {TopicPartition("events", 0)}
+    assert service.readiness() == (True, "ready: 1 partition assigned")
+
+    service._assignment.add(TopicPartition("events", 1))
+
+    assert service.readiness() == (True, "ready: 2 partitions assigned")
+
+
+def test_assignment_during_drop_ignored(service, caplog):
+    """The consumer that receives an assignment while the member drops its state stops right after."""
+    service._dropping = True
+    caplog.set_level("INFO")
+
+    asyncio.run(service.on_partitions_assigned({TopicPartition("events", 0)}))
+
+    assert service._assignment == set()
+    assert not service._joined
+    assert service.metrics.registry.get_sample_value("streamer_rebalances_total") == 0
+    assert "left to the next assignment: events[0]" in caplog.text
+
+
 def test_not_ready_between_revocation_and_assignment(service):
     service._joined = True
     assert service.readiness() == (True, "ready: no partitions assigned, standing by")
