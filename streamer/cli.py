@@ -46,7 +46,8 @@ def configure_logging(level: str = "INFO") -> None:
 
 @app.command()
 def backtest(
-    model: Path = typer.Option(..., help="Model bundle, or a plain state_dict file (torch.save(net.state_dict(), path))."),
+    model: Path = typer.Option(..., help="Model bundle, or a plain state_dict file "
+                               "(torch.save(net.state_dict(), path))."),
     input: Optional[Path] = typer.Option(None, "--input", help="Events: JSON Lines (.jsonl, .ndjson, .json), "
                                          ".csv or .parquet, read in file order."),
     topic: Optional[list[str]] = typer.Option(None, "--topic", help="Replay this Kafka topic instead of a file "
@@ -184,7 +185,8 @@ def _setting_default(name: str) -> str | None:
 def run(
     config: Optional[Path] = typer.Option(None, help="TOML settings file. A flag wins over its STREAMER_* variable, "
                                           "and both win over the file."),
-    model: Optional[Path] = _flag(None, "model", "Model bundle, or a plain state_dict file (torch.save(net.state_dict(), path))."),
+    model: Optional[Path] = _flag(None, "model", "Model bundle, or a plain state_dict file "
+                                  "(torch.save(net.state_dict(), path))."),
     semantics: Optional[str] = _flag(None, "semantics", "stateful or window."),
     seq_len: Optional[int] = _flag(None, "seq_len", "Window length for window semantics."),
     bootstrap_servers: Optional[str] = _flag(None, "bootstrap_servers", "Kafka bootstrap servers (host:port,...)."),

@@ -33,7 +33,8 @@ def test_run_help_shows_setting_defaults():
 def test_run_help_without_default():
     text = help_text("run")
 
-    assert "Model bundle, or a plain state_dict file (torch.save(net.state_dict(), path)). (env: STREAMER_MODEL)" in text
+    assert ("Model bundle, or a plain state_dict file (torch.save(net.state_dict(), path)). "
+            "(env: STREAMER_MODEL)") in text
     assert "(default: None" not in text
 
 
