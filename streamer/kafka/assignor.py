@@ -57,7 +57,7 @@ class CopartitionedStickyAssignor(AbstractPartitionAssignor):
             return RangePartitionAssignor.assign(cluster, members)
         topics = sorted(next(iter(subscriptions.values()), frozenset()))
         partitions = {topic: cluster.partitions_for_topic(topic) or set() for topic in topics}
-        numbers = sorted(set().union(*partitions.values())) if partitions else []
+        numbers = sorted(set().union(*partitions.values()))
         owned = {member: _decode_owned(metadata.user_data) for member, metadata in members.items()}
         numbers_of = assign_numbers(numbers, owned)
         return {member: ConsumerProtocolMemberAssignment(

@@ -195,7 +195,8 @@ class Checkpointer:
         The group coordinator accepts an offset commit only from a member of its current generation, and
         aiokafka raises ``CommitFailedError`` otherwise. The values are those already committed, so the
         commit changes nothing for a member that still owns its partitions. A partition that never had an
-        offset committed gets the first offset this member processed of it, where any owner would resume.
+        offset committed gets the first offset this member processed of it. That offset is not past any event
+        this member processed, so an owner that resumes there skips none of them.
         """
         if offsets:
             await asyncio.wait_for(self.consumer.commit(offsets), self.timeout_s)
