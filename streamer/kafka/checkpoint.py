@@ -124,8 +124,10 @@ class Checkpointer:
         started = time.perf_counter()
         fence = self._fence_offsets(owned)
         offsets = self._take_offsets(owned)
-        await self.begin()
         written = self.arena.dirty_slots()
+        if not offsets and not self.in_transaction and not written.size and not self.arena.removed:
+            return  # nothing changed since the last checkpoint, so no transaction is opened
+        await self.begin()
         try:
             # Steps 2 and 3. The transaction's commit waits for the changelog records' acknowledgements.
             records = self._changelog_records(written)

@@ -161,8 +161,9 @@ class StreamerService:
         self._final_checkpoint_failure: str | None = None  # why the last checkpoint of a stop did not happen
         self._last_checkpoint_error: Exception | None = None  # of the latest at-least-once checkpoint that failed
         self._in_flight: deque[_InFlightBatch] = deque()
-        # Set when the broker rejected the producer's batches in a way that only a new producer recovers from.
-        self._producer_out_of_step = False
+        # Why the producer must be replaced before its next use: the broker rejected its batches in a way that
+        # only a new producer recovers from, or its transaction failed.
+        self._producer_unusable: str | None = None
         self._background_checkpoint: asyncio.Task | None = None
         self._last_snapshot = time.monotonic()
         self._last_lag_update = 0.0
@@ -311,7 +312,7 @@ class StreamerService:
     async def _start_clients(self) -> None:
         settings = self.settings
         self.producer = self._new_producer()
-        self._producer_out_of_step = False
+        self._producer_unusable = None
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=settings.bootstrap_servers, **self.security.client_options(),
             client_id=settings.client_id, group_id=settings.group_id,
@@ -548,6 +549,9 @@ class StreamerService:
             except RejoinRequired as error:
                 logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
                 await self._abort_quietly()
+                # A fenced producer stays in a fatal state. The consumer joins the group anyway, so only the
+                # producer is replaced, before its next transaction.
+                self._producer_unusable = f"the checkpoint before a revocation failed: {error}"
             except (BrokerError, KafkaError, asyncio.TimeoutError) as error:
                 logger.warning("Checkpoint before revocation failed, the new owners replay: %r", error)
             committed = self.checkpointer.committed_offsets if checkpointed else {}
@@ -954,9 +958,15 @@ class StreamerService:
         if self.checkpointer is None:
             return False
         await self._wait_background_checkpoint()
-        # Step 1 of the checkpoint (outputs acknowledged) for at-least-once.
-        return await self._handle_checkpoint_errors(self.checkpointer.checkpoint(
-            lambda tp: tp in self.consumer.assignment(), lambda: self._await_acknowledgements(self._in_flight)))
+
+        async def checkpoint() -> None:
+            if self._producer_unusable is not None:
+                await self._replace_producer()
+            # Step 1 of the checkpoint (outputs acknowledged) for at-least-once.
+            await self.checkpointer.checkpoint(lambda tp: tp in self.consumer.assignment(),
+                                               lambda: self._await_acknowledgements(self._in_flight))
+
+        return await self._handle_checkpoint_errors(checkpoint())
 
     async def _handle_checkpoint_errors(self, checkpoint: Awaitable[None]) -> bool:
         """Await ``checkpoint`` and return whether it succeeded; failures that need a rejoin raise it."""
@@ -1082,6 +1092,8 @@ class StreamerService:
     async def _send_in_transaction(self, outputs, letters) -> None:
         """Hand outputs and dead letters to the open transaction; the checkpoint's commit makes them visible."""
         try:
+            if self._producer_unusable is not None:
+                await self._replace_producer()
             await self.checkpointer.begin()
             futures = await self._send(outputs, letters)
         except (KafkaError, asyncio.TimeoutError, *TRANSACTION_STATE_ERRORS) as error:
@@ -1132,7 +1144,7 @@ class StreamerService:
         settings = self.settings
 
         async def send_and_wait() -> None:
-            if self._producer_out_of_step:
+            if self._producer_unusable is not None:
                 await self._replace_producer()
             try:
                 futures = await self._send(outputs, letters)
@@ -1151,16 +1163,19 @@ class StreamerService:
                         "if a limit was lowered since, or raise the limit of the topic") from error
                 # A batch that expired unacknowledged (KafkaTimeoutError) still used up its sequence numbers,
                 # so the broker rejects the producer's next batches (OutOfOrderSequenceNumber) for good.
-                self._producer_out_of_step = True
+                self._producer_unusable = ("a batch of the previous one expired or was rejected, which puts its "
+                                           "sequence numbers out of step with the broker")
                 raise BrokerError(f"{error!r}; the next attempt starts a new producer") from error
 
         await retry("produce outputs", send_and_wait, timeout_s=2 * settings.request_timeout_ms / 1000,
                     stopping=self._past_deadline, on_retry=self._count_retry)
 
     async def _replace_producer(self) -> None:
-        """Stop the at-least-once producer and start a new one, whose batches start a new sequence."""
-        logger.warning("Starting a new producer: a batch of the previous one expired or was rejected, which puts "
-                       "its sequence numbers out of step with the broker")
+        """Stop the producer and start a new one, whose batches start a new sequence.
+
+        A new transactional producer registers the same transactional id with a higher epoch.
+        """
+        logger.warning("Starting a new producer: %s", self._producer_unusable)
         try:
             await asyncio.wait_for(self.producer.stop(), self.settings.request_timeout_ms / 1000)
         except (KafkaError, asyncio.TimeoutError, OSError) as error:
@@ -1172,7 +1187,7 @@ class StreamerService:
             await producer.stop()
             raise
         self.producer = self.checkpointer.producer = producer
-        self._producer_out_of_step = False
+        self._producer_unusable = None
 
     def _record_batch(self, fetched: FetchedBatch, result: StepResult, dead: list[DeadLetter], produced: int
                       ) -> None:

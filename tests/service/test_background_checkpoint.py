@@ -260,6 +260,94 @@ def test_transaction_ended_by_the_broker_rejoins(kafka_bootstrap, tmp_path, fail
         assert np.allclose([p for _, p in produced[entity]], [p for _, p in steps], atol=1e-5)
 
 
+def test_fenced_producer_replaced_at_rebalance(kafka_bootstrap, tmp_path):
+    """A member whose producer is fenced when it checkpoints before a revocation (its transaction timed out
+    during a pause, say) keeps its consumer in the group: it replaces only the producer, before its next
+    transaction, and processes the partition assigned next without dropping its state again."""
+    from aiokafka.errors import ProducerFenced
+
+    # Checkpoints after each 100 events only, so that the 20 events after the first 100 are pending when the
+    # second member joins.
+    settings = service_settings(kafka_bootstrap, tmp_path, "pf", 11, guarantee="exactly-once", changelog=True,
+                                checkpoint_events=100, checkpoint_interval_ms=600_000, group_instance_id="member-a")
+    topic = settings.input_topics[0]
+
+    def committed(service: StreamerService) -> int:
+        return sum(offset or 0 for offset in service.checkpointer.committed_offsets.values())
+
+    def resets(service: StreamerService) -> float:
+        return service.metrics.registry.get_sample_value("streamer_resets_total")
+
+    async def scenario() -> tuple[list, int]:
+        first, first_running = await start_service(kafka_bootstrap, settings)
+        await produce(kafka_bootstrap, topic, events(0, 100))
+        await wait_until(lambda: committed(first) == 100)
+        await produce(kafka_bootstrap, topic, events(100, 20))
+        await wait_until(lambda: first.events_processed == 120)
+        fenced = first.producer
+
+        async def fenced_call(*args, **kwargs):
+            raise ProducerFenced()
+
+        async def fatal_call(*args, **kwargs):
+            raise AssertionError("Invalid state transition TransactionState.FATAL_ERROR")
+
+        # From here on the producer behaves as a fenced one: every transactional call fails. Its transaction of
+        # the 20 events is open, so the checkpoint before the revocation meets the fence.
+        fenced.send_offsets_to_transaction = fenced.commit_transaction = fenced_call
+        fenced.abort_transaction = fenced.begin_transaction = fatal_call
+        second = StreamerService(settings.model_copy(update={"metrics_port": free_port(),
+                                                             "group_instance_id": "member-b"}))
+        second_running = asyncio.create_task(second.run())
+        await wait_until(lambda: second.readiness()[0] and first.readiness()[0]
+                         and len(first.consumer.assignment()) == 1 and len(second.consumer.assignment()) == 1)
+        processed = first.events_processed
+        await produce(kafka_bootstrap, topic, events(120, 100))
+        await wait_until(lambda: first.events_processed > processed)
+        assert resets(first) == 0
+        assert first.producer is not fenced
+        assert not first_running.done()
+        first.request_stop()
+        second.request_stop()
+        await first_running  # raises when the final checkpoint fails
+        await second_running
+        return await read_topic(kafka_bootstrap, settings.output_topic, 220, isolation_level="read_committed")
+
+    outputs = asyncio.run(scenario())
+    sources = [(document["source"]["partition"], document["source"]["offset"])
+               for document in (orjson.loads(record.value) for record in outputs)]
+    assert len(sources) == len(set(sources)) == 220
+
+
+def test_idle_stop_opens_no_transaction(kafka_bootstrap, tmp_path):
+    """The final checkpoint of a member that processed nothing since its last checkpoint opens no transaction
+    (which a producer fenced meanwhile could not open)."""
+    settings = service_settings(kafka_bootstrap, tmp_path, "it", 12, guarantee="exactly-once", changelog=True,
+                                checkpoint_interval_ms=100)
+
+    async def scenario() -> tuple[int, int]:
+        service, running = await start_service(kafka_bootstrap, settings)
+        await produce(kafka_bootstrap, settings.input_topics[0], events(0, 50))
+        await wait_until(lambda: sum(offset or 0 for offset in service.checkpointer.committed_offsets.values()) == 50
+                         and not service.checkpointer.in_transaction)
+        begun = []
+        begin_transaction = service.producer.begin_transaction
+
+        async def counted_begin():
+            begun.append(True)
+            await begin_transaction()
+
+        service.producer.begin_transaction = counted_begin
+        await asyncio.sleep(0.5)  # several checkpoint intervals
+        service.request_stop()
+        await running
+        return len(begun), service.events_processed
+
+    begun, processed = asyncio.run(scenario())
+    assert processed == 50
+    assert begun == 0
+
+
 def test_rebalances_counted_once_each(kafka_bootstrap, tmp_path):
     """Each rebalance a member takes part in adds one to streamer_rebalances_total, the first assignment
     included: a second member joining and then leaving makes three for the first member."""

@@ -521,10 +521,12 @@ def test_stalled_member_writes_no_stale_state(kafka_bootstrap, model_path, tmp_p
     Its checkpoint must then neither write its older states to the changelog, where they would replace the
     newer ones, nor (exactly-once) commit its transaction of outputs the other member produced again. The
     member checks its membership by committing offsets again, so the case of a group that has committed none
-    yet (the pause before the first checkpoint) runs too.
+    yet (the pause before the first checkpoint) runs too. After that the resumed member joins again, and the
+    last 300 events, produced then, check that it processes its new partition without dropping its state again
+    (exactly-once: its fenced producer is replaced) and stops with a final checkpoint.
     """
     topics = names("stall")
-    events = make_events(900)
+    events = make_events(1200)
     asyncio.run(create_topics(kafka_bootstrap, {topics["input_topics"]: PARTITIONS}))
     base = dict(model=model_path, bootstrap_servers=kafka_bootstrap, topic_partitions=PARTITIONS, changelog="true",
                 guarantee=guarantee, session_timeout_ms=6000, **topics)
@@ -555,21 +557,33 @@ def test_stalled_member_writes_no_stale_state(kafka_bootstrap, model_path, tmp_p
         second = ServiceProcess(tmp_path, group_instance_id="second", checkpoint_interval_ms=200, **base)
         second.wait_ready(timeout_s=90)
         if committed_before_pause:
-            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[500:]))
-            wait_for_outputs(second, 600)  # events 300 to 499 again, and the last 400
+            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[500:900]))
+            wait_for_outputs(second, 600)  # events 300 to 499 again, and the next 400
         else:
-            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[200:]))
-            wait_for_outputs(second, len(events))  # from the first event: nothing was committed
+            asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[200:900]))
+            wait_for_outputs(second, 900)  # from the first event: nothing was committed
         deadline = time.monotonic() + 30
         while second.metric("streamer_commits_total") < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(1)  # a checkpoint of the second member after its last batch
+        assignments = first.log_path.read_text().count("Partitions assigned:")
         first.process.send_signal(signal.SIGCONT)
         # The first member finds out that it lost its partitions and checkpoints before it logs the revocation.
+        # The group of two members over two partitions then gives it one partition.
         deadline = time.monotonic() + 60
-        while "Partitions revoked" not in first.log() and time.monotonic() < deadline:
+        while (first.log_path.read_text().count("Partitions assigned:") == assignments
+               and time.monotonic() < deadline):
             time.sleep(0.2)
-        time.sleep(1)
+        assert "Partitions revoked" in first.log(), first.log()
+        # A member that finds out at a checkpoint of its loop drops its state and joins again with new clients.
+        # One that finds out at the checkpoint before the revocation keeps its consumer.
+        produced, resets = first.metric("streamer_events_produced_total"), first.metric("streamer_resets_total")
+        asyncio.run(produce(kafka_bootstrap, topics["input_topics"], events[900:]))
+        deadline = time.monotonic() + 60
+        while first.metric("streamer_events_produced_total") == produced and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert first.metric("streamer_events_produced_total") > produced, first.log()
+        assert first.metric("streamer_resets_total") == resets, first.log()
     finally:
         first.process.send_signal(signal.SIGCONT)
         assert first.stop() == 0, first.log()
