@@ -125,6 +125,18 @@ def test_unwritable_output_is_one_error_line(tmp_path, output, report_dir, messa
     assert completed.stderr.startswith("error: " + message.format(tmp=tmp_path))
     assert "Traceback" not in completed.stderr
     assert not (tmp_path / "out.jsonl").exists()
+    assert not list(tmp_path.glob("*-report"))
+
+
+def test_rejected_backtest_leaves_no_report_dir(tmp_path):
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), tmp_path / "net.pt")
+
+    completed = streamer("backtest", "--model", str(tmp_path / "net.pt"), "--input", str(tmp_path / "missing.jsonl"),
+                         "--output", str(tmp_path / "runs" / "first" / "out.jsonl"))
+
+    assert completed.returncode == 2
+    assert "missing.jsonl" in completed.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("command", [["kafka", "produce", "EVENTS", "--topic", "t"],

@@ -41,14 +41,18 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     model = load_model(model_path, seq_len=seq_len)
     _check_compare_window(model, compare_window)
     report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
-    prepare_report_dir(report_dir)
+    created = prepare_report_dir(report_dir)
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms)
-    result = run_file_backtest(model, input_path, output_path, semantics=semantics, **options)
     window_records = None
-    if compare_window and semantics == "stateful":
-        window_path = window_output_path(output_path)
-        run_file_backtest(model, input_path, window_path, semantics="window", **options)
-        window_records = read_scored_outputs(window_path)
+    try:
+        result = run_file_backtest(model, input_path, output_path, semantics=semantics, **options)
+        if compare_window and semantics == "stateful":
+            window_path = window_output_path(output_path)
+            run_file_backtest(model, input_path, window_path, semantics="window", **options)
+            window_records = read_scored_outputs(window_path)
+    except BaseException:
+        remove_empty_dirs(created)  # a rejected or failed run leaves no empty report directory behind
+        raise
     records = read_scored_outputs(output_path)
     run_summary = {**result.as_dict(), "semantics": semantics,
                    "model": model.fingerprint}
@@ -60,13 +64,27 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     return result, paths
 
 
-def prepare_report_dir(report_dir: Path) -> None:
-    """Create the report directory before a run, so that a path that cannot hold it fails before the work."""
+def prepare_report_dir(report_dir: Path) -> list[Path]:
+    """Create the report directory before a run, so that a path that cannot hold it fails before the work.
+
+    Returns the directories created, the deepest first, for ``remove_empty_dirs`` after a failed run.
+    """
+    created = [path for path in (report_dir, *report_dir.parents) if not path.exists()]
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"Cannot create the report directory {report_dir} (--report-dir, by default beside the "
                           f"output): {error.strerror}") from None
+    return created
+
+
+def remove_empty_dirs(directories: list[Path]) -> None:
+    """Remove ``directories`` in order, stopping at the first one that is not empty or cannot be removed."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def backtest_file_command(*, model: Path, input_path: Path, output_path: Path, semantics: str,
@@ -110,20 +128,25 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
     if report_dir is None:
         report_dir = (output_path.with_name(f"{output_path.stem}-report") if output_path is not None
                       else Path(f"{output_topic}-report"))
-    prepare_report_dir(report_dir)
+    created = prepare_report_dir(report_dir)
     dead_letter_path = report_dir / "dead-letter.jsonl" if output_topic is not None else None
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
                    initial_state=initial_state, target_feature=target_feature, progress=progress, metrics=metrics)
     if metrics is not None:
         metrics.set_build_info(__version__, model.fingerprint, semantics, "replay")
-    result = run_topic_backtest(model, spec, output_path=output_path, output_topic=output_topic,
-                                dead_letter_path=dead_letter_path, allow_existing_output=allow_existing_output,
-                                keep_topic_outputs=True, semantics=semantics, **options)
     window_records = None
-    if compare_window and semantics == "stateful":
-        window_path = window_output_path(output_path) if output_path is not None else report_dir / "window.jsonl"
-        run_topic_backtest(model, spec, output_path=window_path, semantics="window", **options)
-        window_records = read_scored_outputs(window_path)
+    try:
+        result = run_topic_backtest(model, spec, output_path=output_path, output_topic=output_topic,
+                                    dead_letter_path=dead_letter_path, allow_existing_output=allow_existing_output,
+                                    keep_topic_outputs=True, semantics=semantics, **options)
+        if compare_window and semantics == "stateful":
+            window_path = (window_output_path(output_path) if output_path is not None
+                           else report_dir / "window.jsonl")
+            run_topic_backtest(model, spec, output_path=window_path, semantics="window", **options)
+            window_records = read_scored_outputs(window_path)
+    except BaseException:
+        remove_empty_dirs(created)
+        raise
     if output_path is not None:
         records = read_scored_outputs(output_path)
     else:

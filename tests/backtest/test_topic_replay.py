@@ -351,13 +351,14 @@ def test_cli_warns_of_an_empty_range(kafka_bootstrap, events_topic, model_path, 
     assert "warning: the range holds no records" in completed.stderr, completed.stdout
 
 
-def test_cli_rejects_output_topic_equal_to_input(kafka_bootstrap, events_topic, model_path):
+def test_cli_rejects_output_topic_equal_to_input(kafka_bootstrap, events_topic, model_path, tmp_path):
     command = [sys.executable, "-m", "streamer", "backtest", "--model", str(model_path), "--topic", events_topic,
                "--bootstrap-servers", kafka_bootstrap, "--output-topic", events_topic]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
 
     assert completed.returncode == 2
     assert "also an input topic" in completed.stderr
+    assert not (tmp_path / f"{events_topic}-report").exists()
 
 
 def test_replay_continues_from_live_changelog_state(kafka_bootstrap, model_path, seed_net_factory, tmp_path,
