@@ -67,6 +67,7 @@ class DeadLetterLog:
 
     A reason's first dead letter is logged at once, with where it came from and its error message. A later
     one is logged once ``interval_s`` has passed since that reason's last line, with the count since then.
+    ``flush`` logs the counts of dead letters not logged yet, so that no dead letter goes unmentioned.
     """
 
     def __init__(self, logger: logging.Logger, interval_s: float = 10.0,
@@ -76,19 +77,34 @@ class DeadLetterLog:
         self._clock = clock
         self._last: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
+        self._latest: dict[str, tuple[str, str]] = {}  # source and message of each reason's latest unlogged one
 
     def record(self, reason: str, source: str, message: str) -> None:
         """Note one dead letter of ``reason`` from ``source`` (such as ``topic[partition]@offset``)."""
         now = self._clock()
-        count = self._unlogged.get(reason, 0) + 1
         last = self._last.get(reason)
-        if last is not None and now - last < self.interval_s:
-            self._unlogged[reason] = count
-            return
-        self._unlogged[reason] = 0
-        self._last[reason] = now
         if last is None:
+            self._last[reason] = now
             self._logger.warning("Dead letter (%s) %s: %s", reason, source, message)
-        else:
-            self._logger.warning("%d dead letters (%s) in the last %.0f s, the latest %s: %s", count, reason,
-                                 now - last, source, message)
+            return
+        self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+        self._latest[reason] = (source, message)
+        if now - last >= self.interval_s:
+            self._log_unlogged(reason, now)
+
+    def flush(self, force: bool = False) -> None:
+        """Log the dead letters not logged yet: of every reason if ``force``, else of those past the interval."""
+        if not self._unlogged:
+            return
+        now = self._clock()
+        for reason in list(self._unlogged):
+            if force or now - self._last[reason] >= self.interval_s:
+                self._log_unlogged(reason, now)
+
+    def _log_unlogged(self, reason: str, now: float) -> None:
+        count = self._unlogged.pop(reason)
+        source, message = self._latest.pop(reason)
+        self._logger.warning("%d %s (%s) in the last %.0f s, the latest %s: %s", count,
+                             "dead letter" if count == 1 else "dead letters", reason, now - self._last[reason],
+                             source, message)
+        self._last[reason] = now

@@ -82,3 +82,31 @@ def test_dead_letters_logged_once_per_reason_and_interval(caplog):
         "10 dead letters (invalid_json) in the last 10 s, the latest events[0]@20: Invalid JSON: unexpected character",
         "Dead letter (feature_count) events[1]@7: Invalid feature count 3: the model has 2 inputs",
     ]
+
+
+def test_dead_letters_not_logged_yet_flushed(caplog):
+    now = [0.0]
+    log = DeadLetterLog(logging.getLogger("streamer.test.dead_letters"), interval_s=10.0, clock=lambda: now[0])
+
+    with caplog.at_level(logging.WARNING, logger="streamer.test.dead_letters"):
+        for second in range(4):
+            now[0] = float(second)
+            log.record("invalid_json", f"events[0]@{second}", "Invalid JSON")
+            log.record("feature_count", f"events[1]@{second}", "Invalid feature count 3")
+        log.flush()  # within the interval: nothing yet
+        now[0] = 10.0
+        log.flush()
+        now[0] = 11.0
+        log.record("feature_count", "events[1]@11", "Invalid feature count 3")
+        log.flush()
+        now[0] = 12.0
+        log.flush(force=True)
+        log.flush(force=True)  # nothing left
+
+    assert [record.getMessage() for record in caplog.records] == [
+        "Dead letter (invalid_json) events[0]@0: Invalid JSON",
+        "Dead letter (feature_count) events[1]@0: Invalid feature count 3",
+        "3 dead letters (invalid_json) in the last 10 s, the latest events[0]@3: Invalid JSON",
+        "3 dead letters (feature_count) in the last 10 s, the latest events[1]@3: Invalid feature count 3",
+        "1 dead letter (feature_count) in the last 2 s, the latest events[1]@11: Invalid feature count 3",
+    ]

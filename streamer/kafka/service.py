@@ -501,6 +501,7 @@ class StreamerService:
         await self._stop_clients()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self._dead_letter_log.flush(force=True)
         logger.info("Stopped after %d events", self.events_processed)
 
     async def _until_deadline(self, call, operation: str) -> bool:
@@ -835,6 +836,7 @@ class StreamerService:
         self._hold_back_restoring(records)
         self._last_poll = time.monotonic()
         self.metrics.mark_poll()
+        self._dead_letter_log.flush()
         fetched = FetchedBatch.from_records(records)
         if time.monotonic() - self._last_lag_update >= LAG_UPDATE_INTERVAL_S and (
                 self._lag_update is None or self._lag_update.done()):

@@ -65,8 +65,11 @@ def test_service_equals_file_backtest_and_dead_letters(kafka_bootstrap, bad_inpu
         dead = asyncio.run(read_topic(kafka_bootstrap, topics["dead_letter_topic"], n_dead))
     finally:
         assert service.stop() == 0, service.log()
-    # The log names each reason's first dead letter and where it came from.
-    assert f"Dead letter (invalid_json) {topics['input_topics']}[0]@" in service.log()
+    # The log names each reason's first dead letter and where it came from, and counts the others.
+    log = service.log_path.read_text(errors="replace")
+    assert f"Dead letter (invalid_json) {topics['input_topics']}[0]@" in log
+    logged = log.count("Dead letter (") + sum(int(count) for count in re.findall(r"(\d+) dead letters? \(", log))
+    assert logged == n_dead
     assert "lstm with 4 inputs, hidden size 16, 2 layers, 1 output" in service.log()
 
     file_result = run_file_backtest(load_model(case_dir / "net.pt"), case_dir / "events.jsonl", tmp_path / "file.jsonl")
