@@ -62,7 +62,8 @@ def backtest(
                               "list replays only the partitions it names."),
     to: str = typer.Option("latest", "--to", help="Range end for --topic, exclusive, in the forms of --from; "
                            "latest is the end offset when the replay starts."),
-    output: Optional[Path] = typer.Option(None, help="Outputs: .jsonl or .parquet; dead letters go beside it."),
+    output: Optional[Path] = typer.Option(None, help="Outputs: .jsonl, .ndjson or .parquet, in a directory "
+                                          "created if missing; dead letters go beside it."),
     output_topic: Optional[str] = typer.Option(None, help="With --topic: produce outputs to this topic instead of "
                                                "a file; it must not be an input topic and must be empty."),
     allow_existing_output: bool = typer.Option(False, help="Allow an --output-topic that already has records."),

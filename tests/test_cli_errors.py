@@ -246,6 +246,24 @@ def test_unused_seq_len_is_reported(tmp_path):
     assert "has no effect" not in used.stderr
 
 
+def test_seq_len_other_than_bundle_is_reported(tmp_path):
+    (tmp_path / "in.jsonl").write_text('{"entity": "a", "features": [1.0, 2.0]}\n')
+    model = tmp_path / "net.pt"
+    torch.save(SeedNet(2, 4, 5, 1, 1).state_dict(), model)
+    subprocess.run([sys.executable, "-m", "streamer", "bundle", "--model", str(model), "--output",
+                    str(tmp_path / "net.bundle.pt"), "--seq-len", "8"], check=True, capture_output=True, timeout=120)
+    common = ["backtest", "--model", str(tmp_path / "net.bundle.pt"), "--input", str(tmp_path / "in.jsonl"),
+              "--semantics", "window"]
+
+    other = streamer(*common, "--output", str(tmp_path / "other.jsonl"), "--seq-len", "30")
+    same = streamer(*common, "--output", str(tmp_path / "same.jsonl"), "--seq-len", "8")
+
+    assert other.returncode == 0, other.stderr
+    assert "Window length 30 (--seq-len) replaces the seq_len 8 of the bundle" in other.stderr
+    assert same.returncode == 0, same.stderr
+    assert "replaces" not in same.stderr
+
+
 def test_run_with_metrics_port_in_use_exits_2(tmp_path):
     import socket
 

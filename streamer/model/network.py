@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from torch.nn import functional as F
 from streamer.errors import ConfigError, ModelError
 from streamer.model.loading import fingerprint, read_model_file
 from streamer.model.manifest import ModelManifest
+
+logger = logging.getLogger(__name__)
 
 # Cells with state ``h`` only. LSTM layers run in ``_step_lstm`` instead of ``torch.lstm_cell``.
 _CELL_FUNCTIONS = {"gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}
@@ -97,6 +100,9 @@ class RecurrentModel:
     def load(cls, path: str | Path, *, seq_len: int | None = None, device: str = "cpu") -> RecurrentModel:
         """Load a bundle or a plain seed ``state_dict`` file; ``seq_len`` overrides the manifest's."""
         manifest, weights = read_model_file(path)
+        if seq_len is not None and manifest.seq_len is not None and seq_len != manifest.seq_len:
+            logger.warning("Window length %d (--seq-len) replaces the seq_len %d of the bundle %s, the window it "
+                           "was trained on", seq_len, manifest.seq_len, path)
         return cls(manifest.with_seq_len(seq_len), weights, device=device)
 
     @property
