@@ -296,6 +296,8 @@ def format_summary(summary: Mapping) -> str:
     )
     if metrics.get("mape_excluded"):
         accuracy += f" ({metrics['mape_excluded']} zero targets left out of MAPE)"
+    if scored == 0:
+        accuracy = f"accuracy: none of the {records} records has a target and a finite prediction"
     lines.append(accuracy)
     if run.get("accuracy_by_step"):
         lines.append(format_accuracy_by_step(run["accuracy_by_step"]))

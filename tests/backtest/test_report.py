@@ -295,6 +295,15 @@ def test_format_summary_counts_records_without_target():
     assert "scored 3 of 5 records (the others have no target or a non-finite prediction):" in text
 
 
+def test_format_summary_without_any_target():
+    summary = {"records": 7, "entities": 2, "scored_records": 0, "metrics": {"mae": None, "rmse": None}}
+
+    text = format_summary(summary)
+
+    assert "accuracy: none of the 7 records has a target and a finite prediction" in text
+    assert "MAE" not in text
+
+
 def _divergence_runs():
     stateful = [
         _record("A", 0, 0, [1.0], line=0),
