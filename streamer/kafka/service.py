@@ -962,8 +962,7 @@ class StreamerService:
         await self._wait_background_checkpoint()
 
         async def checkpoint() -> None:
-            if self._producer_unusable is not None:
-                await self._replace_producer()
+            await self._replace_unusable_producer()
             # Step 1 of the checkpoint (outputs acknowledged) for at-least-once.
             await self.checkpointer.checkpoint(lambda tp: tp in self.consumer.assignment(),
                                                lambda: self._await_acknowledgements(self._in_flight))
@@ -1094,8 +1093,7 @@ class StreamerService:
     async def _send_in_transaction(self, outputs, letters) -> None:
         """Hand outputs and dead letters to the open transaction; the checkpoint's commit makes them visible."""
         try:
-            if self._producer_unusable is not None:
-                await self._replace_producer()
+            await self._replace_unusable_producer()
             await self.checkpointer.begin()
             futures = await self._send(outputs, letters)
         except (KafkaError, asyncio.TimeoutError, *TRANSACTION_STATE_ERRORS) as error:
@@ -1146,8 +1144,7 @@ class StreamerService:
         settings = self.settings
 
         async def send_and_wait() -> None:
-            if self._producer_unusable is not None:
-                await self._replace_producer()
+            await self._replace_unusable_producer()
             try:
                 futures = await self._send(outputs, letters)
                 acknowledged = asyncio.gather(*futures)
@@ -1172,11 +1169,13 @@ class StreamerService:
         await retry("produce outputs", send_and_wait, timeout_s=2 * settings.request_timeout_ms / 1000,
                     stopping=self._past_deadline, on_retry=self._count_retry)
 
-    async def _replace_producer(self) -> None:
-        """Stop the producer and start a new one, whose batches start a new sequence.
+    async def _replace_unusable_producer(self) -> None:
+        """Stop the producer and start a new one if it was marked unusable; its batches start a new sequence.
 
         A new transactional producer registers the same transactional id with a higher epoch.
         """
+        if self._producer_unusable is None:
+            return
         logger.warning("Starting a new producer: %s", self._producer_unusable)
         try:
             await asyncio.wait_for(self.producer.stop(), self.settings.request_timeout_ms / 1000)

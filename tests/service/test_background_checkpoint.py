@@ -261,9 +261,11 @@ def test_transaction_ended_by_the_broker_rejoins(kafka_bootstrap, tmp_path, fail
 
 
 def test_fenced_producer_replaced_at_rebalance(kafka_bootstrap, tmp_path):
-    """A member whose producer is fenced when it checkpoints before a revocation (its transaction timed out
-    during a pause, say) keeps its consumer in the group: it replaces only the producer, before its next
-    transaction, and processes the partition assigned next without dropping its state again."""
+    """A member whose producer is fenced at the checkpoint before a revocation keeps its consumer.
+
+    A transaction that timed out during a pause fences the producer in this way. The member replaces only
+    the producer, before its next transaction, and processes the partition assigned next without dropping its
+    state again."""
     from aiokafka.errors import ProducerFenced
 
     # Checkpoints after each 100 events only, so that the 20 events after the first 100 are pending when the
