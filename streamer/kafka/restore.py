@@ -65,14 +65,17 @@ async def restore_partition(*, bootstrap_servers: str, topic: str, partition: in
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)
-        consumer.assign([tp])
+        # The offsets are looked up before the partition is assigned. An assigned partition without records
+        # keeps a Fetch waiting at the broker for fetch_max_wait_ms, and offset requests queue behind it.
         result.end_offset = await _stable_end_offset(consumer, tp, bootstrap_servers, request_timeout_ms, security)
         beginning = (await consumer.beginning_offsets([tp]))[tp]
+        first_offset = beginning
         if start_offset is not None and start_offset >= beginning:
-            consumer.seek(tp, min(start_offset, result.end_offset))
-        else:
-            await consumer.seek_to_beginning(tp)
-        await _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started)
+            first_offset = min(start_offset, result.end_offset)
+        if first_offset < result.end_offset:
+            consumer.assign([tp])
+            consumer.seek(tp, first_offset)
+            await _read_until_end(consumer, tp, result, codec, arena, fingerprint, mismatch_policy, started)
     finally:
         await consumer.stop()
     result.entities = len(arena.occupied_slots(partition))
