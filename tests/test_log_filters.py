@@ -66,9 +66,15 @@ def test_coordinator_lookup_becomes_warning(caplog):
     assert [record.levelname for record in caplog.records] == ["WARNING", "ERROR"]
 
 
-def test_dead_letters_logged_once_per_reason_and_interval(caplog):
+def clocked_dead_letter_log() -> tuple[list[float], DeadLetterLog]:
+    """A dead-letter log with a 10 s interval, and the one-element list that sets its clock."""
     now = [0.0]
-    log = DeadLetterLog(logging.getLogger("streamer.test.dead_letters"), interval_s=10.0, clock=lambda: now[0])
+    return now, DeadLetterLog(logging.getLogger("streamer.test.dead_letters"), interval_s=10.0,
+                              clock=lambda: now[0])
+
+
+def test_dead_letters_logged_once_per_reason_and_interval(caplog):
+    now, log = clocked_dead_letter_log()
 
     with caplog.at_level(logging.WARNING, logger="streamer.test.dead_letters"):
         for second in range(25):
@@ -85,8 +91,7 @@ def test_dead_letters_logged_once_per_reason_and_interval(caplog):
 
 
 def test_dead_letters_not_logged_yet_flushed(caplog):
-    now = [0.0]
-    log = DeadLetterLog(logging.getLogger("streamer.test.dead_letters"), interval_s=10.0, clock=lambda: now[0])
+    now, log = clocked_dead_letter_log()
 
     with caplog.at_level(logging.WARNING, logger="streamer.test.dead_letters"):
         for second in range(4):

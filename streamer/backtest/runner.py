@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import orjson
 import typer
@@ -41,18 +43,14 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     model = load_model(model_path, seq_len=seq_len)
     _check_compare_window(model, compare_window)
     report_dir = report_dir or output_path.with_name(f"{output_path.stem}-report")
-    created = prepare_report_dir(report_dir)
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms)
     window_records = None
-    try:
+    with report_dir_for_run(report_dir):
         result = run_file_backtest(model, input_path, output_path, semantics=semantics, **options)
         if compare_window and semantics == "stateful":
             window_path = window_output_path(output_path)
             run_file_backtest(model, input_path, window_path, semantics="window", **options)
             window_records = read_scored_outputs(window_path)
-    except BaseException:
-        remove_empty_dirs(created)  # a rejected or failed run leaves no empty report directory behind
-        raise
     records = read_scored_outputs(output_path)
     run_summary = {**result.as_dict(), "semantics": semantics,
                    "model": model.fingerprint}
@@ -64,10 +62,12 @@ def backtest_file(model_path: Path, input_path: Path, output_path: Path, *, sema
     return result, paths
 
 
-def prepare_report_dir(report_dir: Path) -> list[Path]:
-    """Create the report directory before a run, so that a path that cannot hold it fails before the work.
+@contextmanager
+def report_dir_for_run(report_dir: Path) -> Iterator[None]:
+    """Create the report directory before the runs inside the block, so that a bad path fails first.
 
-    Returns the directories created, the deepest first, for ``remove_empty_dirs`` after a failed run.
+    When the block fails, the directories it created are removed again, the deepest first, up to the first
+    one that is not empty.
     """
     created = [path for path in (report_dir, *report_dir.parents) if not path.exists()]
     try:
@@ -75,16 +75,15 @@ def prepare_report_dir(report_dir: Path) -> list[Path]:
     except OSError as error:
         raise ConfigError(f"Cannot create the report directory {report_dir} (--report-dir, by default beside the "
                           f"output): {error.strerror}") from None
-    return created
-
-
-def remove_empty_dirs(directories: list[Path]) -> None:
-    """Remove ``directories`` in order, stopping at the first one that is not empty or cannot be removed."""
-    for directory in directories:
-        try:
-            directory.rmdir()
-        except OSError:
-            return
+    try:
+        yield
+    except BaseException:
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty, because the run wrote there, or not removable
+                break
+        raise
 
 
 def backtest_file_command(*, model: Path, input_path: Path, output_path: Path, semantics: str,
@@ -128,14 +127,13 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
     if report_dir is None:
         report_dir = (output_path.with_name(f"{output_path.stem}-report") if output_path is not None
                       else Path(f"{output_topic}-report"))
-    created = prepare_report_dir(report_dir)
     dead_letter_path = report_dir / "dead-letter.jsonl" if output_topic is not None else None
     options = dict(batch_size=batch_size, max_entities=max_entities, idle_expiry_ms=idle_expiry_ms,
                    initial_state=initial_state, target_feature=target_feature, progress=progress, metrics=metrics)
     if metrics is not None:
         metrics.set_build_info(__version__, model.fingerprint, semantics, "replay")
     window_records = None
-    try:
+    with report_dir_for_run(report_dir):
         result = run_topic_backtest(model, spec, output_path=output_path, output_topic=output_topic,
                                     dead_letter_path=dead_letter_path, allow_existing_output=allow_existing_output,
                                     keep_topic_outputs=True, semantics=semantics, **options)
@@ -144,9 +142,6 @@ def backtest_topic(model_path: Path, spec: TopicReplaySpec, *, output_path: Path
                            else report_dir / "window.jsonl")
             run_topic_backtest(model, spec, output_path=window_path, semantics="window", **options)
             window_records = read_scored_outputs(window_path)
-    except BaseException:
-        remove_empty_dirs(created)
-        raise
     if output_path is not None:
         records = read_scored_outputs(output_path)
     else:
